@@ -1,0 +1,22 @@
+"""python -m fastlin info | demo"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastlin")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, threads and which backends are available (and why not)")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        import fastlin
+
+        fastlin.info()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Functional API, mirroring torch.nn.functional: any leading dimensions, torch's argument order."""
+
+from __future__ import annotations
+
+import torch
+
+from fastlin import _checks as C
+from fastlin import ops
+from fastlin.autograd import LinearFunction, LinearMSELossFunction, MSELossFunction
+
+__all__ = ["linear", "mse_loss", "linear_mse_loss", "sgd_update_", "train_step", "fit"]
+
+
+def _as_2d(op: str, input: torch.Tensor) -> torch.Tensor:
+    C.check_tensor(op, "input", input)
+    if input.dim() == 0:
+        raise ValueError(f"fastlin.{op}: input must have at least 1 dimension (..., in_features), got a 0-d tensor")
+    return input.unsqueeze(0) if input.dim() == 1 else input.flatten(0, -2)
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend=None):
+    """input (..., D), weight (O, D), bias (O,) or None -> (..., O), like torch.nn.functional.linear."""
+    C.check_tensor("linear", "weight", weight)
+    y = LinearFunction.apply(_as_2d("linear", input), weight, bias, backend)
+    return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None, reduction: str = "mean", *,
+             backend=None) -> torch.Tensor:
+    """Like torch.nn.functional.mse_loss, except that a target whose shape differs from input's
+    raises instead of broadcasting."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return MSELossFunction.apply(input, target, reduction, backend)
+
+
+def linear_mse_loss(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                    reduction: str = "mean", *, backend=None) -> torch.Tensor:
+    """mse_loss(linear(input, weight, bias), target, reduction) in one pass over input (no (N, O)
+    prediction is materialised for "mean"/"sum"). input (..., D), target (..., O)."""
+    C.check_reduction("linear_mse_loss", reduction, allow_none=True)
+    if reduction == "none":  # the elementwise loss is (N, O) anyway: compose the two ops
+        return mse_loss(linear(input, weight, bias, backend=backend), target, reduction=reduction, backend=backend)
+    x = _as_2d("linear_mse_loss", input)
+    C.check_tensor("linear_mse_loss", "target", target)
+    C.check_tensor("linear_mse_loss", "weight", weight)
+    if tuple(target.shape) != (*input.shape[:-1], weight.shape[0]):
+        raise ValueError(
+            f"fastlin.linear_mse_loss: target must have shape {C.shape_str((*input.shape[:-1], weight.shape[0]))} "
+            f"(input's leading dimensions, out_features); fastlin never broadcasts a target, got "
+            f"{C.shape_str(target.shape)}"
+        )
+    t = target.reshape(x.shape[0], weight.shape[0])
+    if not torch.is_grad_enabled():  # nothing will call backward: skip the gradient work
+        return ops.linear_mse_loss(x, weight, bias, t, reduction, (False,) * 4, backend=backend)[0]
+    return LinearMSELossFunction.apply(x, weight, bias, t, reduction, backend)
+
+
+sgd_update_ = ops.sgd_update_
+train_step = ops.train_step
+fit = ops.fit

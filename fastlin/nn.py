@@ -1,0 +1,52 @@
+"""nn.Module drop-ins: same constructors, initialisation (same RNG draws) and state_dict keys as
+torch.nn; forward runs the fastlin ops."""
+
+from __future__ import annotations
+
+import torch
+
+from fastlin import functional as F
+
+__all__ = ["Linear", "MSELoss", "LinearMSELoss"]
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear with fastlin's kernels. ``backend`` picks the implementation (None: the default)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str | None = None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias, backend=self.backend)
+
+
+class MSELoss(torch.nn.MSELoss):
+    """torch.nn.MSELoss with fastlin's kernels; a target whose shape differs from input's raises."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", *, backend: str | None = None):
+        super().__init__(size_average, reduce, reduction)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(input, target, reduction=self.reduction, backend=self.backend)
+
+
+class LinearMSELoss(Linear):
+    """A Linear layer whose forward takes (input, target) and returns the MSE of its prediction,
+    fused: one pass over input, no (N, out_features) prediction for "mean"/"sum"."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 reduction: str = "mean", backend: str | None = None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype, backend=backend)
+        self.reduction = reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.linear_mse_loss(input, self.weight, self.bias, target, self.reduction, backend=self.backend)
+
+    def predict(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, reduction={self.reduction!r}"

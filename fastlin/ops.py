@@ -1,0 +1,160 @@
+"""Entry points to the fastlin ops and their fake (meta) implementations.
+
+Each function here picks the backend (fastlin.backends) for the device of its first tensor and
+calls the registered op (torch.ops.fastlin.* for cpp/cuda, torch.ops.fastlin_triton.* for Triton)
+or the reference. Nothing above this module knows which backend ran. Signatures and semantics are
+those of the schemas in csrc/ops.cpp: 2-D input (N, D), weight (O, D), bias (O,), target (N, O).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlin import _checks as C
+from fastlin import backends, reference
+
+_cache: dict[tuple[str, str], object] = {}
+
+
+def impl(name: str, backend: str | None, device: torch.device):
+    """The callable implementing op ``name`` for tensors on ``device`` under ``backend``."""
+    which = backends.resolve(backend, device)
+    key = (name, which)
+    fn = _cache.get(key)
+    if fn is None:
+        if which == "reference":
+            fn = getattr(reference, name)
+        elif which == "triton":
+            import fastlin.triton  # noqa: F401  (registers torch.ops.fastlin_triton.*)
+
+            fn = getattr(torch.ops.fastlin_triton, name)
+        else:
+            fn = getattr(torch.ops.fastlin, name)
+        _cache[key] = fn
+    return fn
+
+
+def linear(input, weight, bias=None, *, backend=None):
+    """input (N, D), weight (O, D), bias (O,) or None -> (N, O)."""
+    return impl("linear", backend, input.device)(input, weight, bias)
+
+
+def linear_backward(grad_output, input, weight, output_mask, *, backend=None):
+    """-> (grad_input (N, D), grad_weight (O, D), grad_bias (O,)); masked-off outputs are empty (0,)."""
+    return impl("linear_backward", backend, input.device)(grad_output, input, weight, list(output_mask))
+
+
+def mse_loss(input, target, reduction="mean", *, backend=None):
+    return impl("mse_loss", backend, input.device)(input, target, reduction)
+
+
+def mse_loss_backward(grad_output, input, target, reduction="mean", *, backend=None):
+    return impl("mse_loss_backward", backend, input.device)(grad_output, input, target, reduction)
+
+
+def linear_mse_loss(input, weight, bias, target, reduction="mean", output_mask=(True, True, True, True), *,
+                    backend=None):
+    """-> (loss, grad_input, grad_weight, grad_bias, grad_target), gradients for grad_output = 1."""
+    return impl("linear_mse_loss", backend, input.device)(input, weight, bias, target, reduction, list(output_mask))
+
+
+def sgd_update_(params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, first_step=False, *, backend=None) -> None:
+    if not params:
+        return
+    impl("sgd_update_", backend, params[0].device)(
+        list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
+        float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
+    )
+
+
+def train_step(input, target, weight, bias=None, weight_momentum=None, bias_momentum=None, sample_weight=None, *,
+               lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
+               backend=None) -> torch.Tensor:
+    """One fused SGD step on the MSE of input (N, D) against target (N, O); returns the loss (0-d)."""
+    return impl("train_step", backend, input.device)(
+        input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, float(lr), float(momentum),
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
+    )
+
+
+def fit(input, target, weight, bias=None, weight_momentum=None, bias_momentum=None, sample_weight=None, *, epochs,
+        batch_size=0, shuffle=True, seed=0, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+        maximize=False, first_step=False, backend=None) -> torch.Tensor:
+    """`epochs` fused passes over the data; returns the per-epoch loss history (epochs,)."""
+    return impl("fit", backend, input.device)(
+        input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, int(epochs), int(batch_size),
+        bool(shuffle), int(seed), float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+        bool(maximize), bool(first_step),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake implementations: shapes and dtypes only, with the same shape checks as the kernels.
+
+
+def _register_fakes() -> None:
+    def loss_dtype(input):
+        return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("fastlin::linear")
+    def _(input, weight, bias):
+        C.check_linear_args("linear", input, weight, bias)
+        return input.new_empty((input.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("fastlin::linear_backward")
+    def _(grad_output, input, weight, output_mask):
+        C.check_linear_args("linear_backward", input, weight, None)
+        torch._check(grad_output.shape == (input.shape[0], weight.shape[0]))
+        e = input.new_empty((0,))
+        return (
+            input.new_empty(input.shape) if output_mask[0] else e,
+            input.new_empty(weight.shape) if output_mask[1] else e,
+            input.new_empty((weight.shape[0],)) if output_mask[2] else e,
+        )
+
+    @torch.library.register_fake("fastlin::mse_loss")
+    def _(input, target, reduction):
+        C.check_mse_args("mse_loss", input, target, reduction)
+        return input.new_empty(input.shape if reduction == "none" else ())
+
+    @torch.library.register_fake("fastlin::mse_loss_backward")
+    def _(grad_output, input, target, reduction):
+        C.check_mse_args("mse_loss_backward", input, target, reduction)
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake("fastlin::linear_mse_loss")
+    def _(input, weight, bias, target, reduction, output_mask):
+        C.check_linear_args("linear_mse_loss", input, weight, bias)
+        C.check_target("linear_mse_loss", target, input, weight)
+        C.check_reduction("linear_mse_loss", reduction, allow_none=False)
+        e = input.new_empty((0,))
+        return (
+            input.new_empty(()),
+            input.new_empty(input.shape) if output_mask[0] else e,
+            input.new_empty(weight.shape) if output_mask[1] else e,
+            input.new_empty((weight.shape[0],)) if output_mask[2] else e,
+            input.new_empty(target.shape) if output_mask[3] else e,
+        )
+
+    @torch.library.register_fake("fastlin::sgd_update_")
+    def _(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+        C.check_sgd_update_args("sgd_update_", params, grads, momentum_buffers, momentum)
+
+    @torch.library.register_fake("fastlin::train_step")
+    def _(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr, momentum, dampening,
+          weight_decay, nesterov, maximize, first_step):
+        C.check_train_args("train_step", input, target, weight, bias, weight_momentum, bias_momentum,
+                           sample_weight, lr, momentum, dampening, weight_decay, nesterov)
+        return input.new_empty((), dtype=loss_dtype(input))
+
+    @torch.library.register_fake("fastlin::fit")
+    def _(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, epochs, batch_size, shuffle,
+          seed, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+        C.check_train_args("fit", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
+                           momentum, dampening, weight_decay, nesterov)
+        return input.new_empty((epochs,), dtype=loss_dtype(input))
+
+
+if backends.extension_loaded():  # the schemas exist only when fastlin._C loaded
+    _register_fakes()

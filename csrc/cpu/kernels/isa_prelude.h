@@ -1,0 +1,11 @@
+// Everything the ISA translation units include before their `#pragma GCC target`: the std
+// headers the kernels use and the family table declarations. Kernel headers include nothing.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "cpu/isa.h"

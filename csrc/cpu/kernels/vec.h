@@ -1,0 +1,130 @@
+// Portable 64-byte SIMD vectors for the CPU kernels, written with GCC/Clang vector extensions.
+// The same source becomes one AVX-512 register, two AVX2 registers or four SSE2 registers,
+// depending on the `#pragma GCC target` of the ISA translation unit that includes it (isa.h).
+// Included inside namespace fastlin::cpu::<isa>; includes nothing (isa_prelude.h has the headers).
+//
+// Storage types: float, double, and uint16_t for bfloat16 / float16 (kernels name the format
+// with the Fmt tag). Arithmetic is float32 for 16-bit and float32 inputs, float64 for float64.
+// FMA: `a * b + c` is contracted to a fused multiply-add where the ISA has one (-ffp-contract=fast),
+// so results may differ between ISAs in the last bit; within one ISA and thread count they are
+// deterministic.
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+
+enum class Fmt { f32, f64, bf16, f16 };
+
+// Scalar / vector types for a storage format: Elem is what memory holds, Acc the arithmetic type.
+template <Fmt F> struct FmtTraits;
+template <> struct FmtTraits<Fmt::f32> { using Elem = float; using Acc = float; using V = f32x16; static constexpr int W = 16; };
+template <> struct FmtTraits<Fmt::f64> { using Elem = double; using Acc = double; using V = f64x8; static constexpr int W = 8; };
+template <> struct FmtTraits<Fmt::bf16> { using Elem = uint16_t; using Acc = float; using V = f32x16; static constexpr int W = 16; };
+template <> struct FmtTraits<Fmt::f16> { using Elem = uint16_t; using Acc = float; using V = f32x16; static constexpr int W = 16; };
+
+template <typename V> inline V vzero() { return V{}; }
+template <typename V, typename S> inline V vbcast(S s) { return V{} + s; }
+
+// Full-width load/store of W elements (unaligned).
+template <Fmt F> inline typename FmtTraits<F>::V vload(const typename FmtTraits<F>::Elem* p) {
+  if constexpr (F == Fmt::f32 || F == Fmt::f64) {
+    typename FmtTraits<F>::V v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  } else if constexpr (F == Fmt::bf16) {
+    u16x16 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 v;
+    __builtin_memcpy(&v, &u, sizeof v);
+    return v;
+  } else {
+    f16x16 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, f32x16);
+  }
+}
+
+// float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
+inline u16x16 f32_to_bf16_bits(f32x16 v) {
+  u32x16 u;
+  __builtin_memcpy(&u, &v, sizeof u);
+  u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  u32x16 nan = (u >> 16) | 0x40u;
+  u32x16 is_nan = (u32x16)((u & 0x7fffffffu) > 0x7f800000u);
+  return __builtin_convertvector((is_nan & nan) | (~is_nan & rounded), u16x16);
+}
+
+template <Fmt F> inline void vstore(typename FmtTraits<F>::Elem* p, typename FmtTraits<F>::V v) {
+  if constexpr (F == Fmt::f32 || F == Fmt::f64) {
+    __builtin_memcpy(p, &v, sizeof v);
+  } else if constexpr (F == Fmt::bf16) {
+    u16x16 h = f32_to_bf16_bits(v);
+    __builtin_memcpy(p, &h, sizeof h);
+  } else {
+    f16x16 h = __builtin_convertvector(v, f16x16);
+    __builtin_memcpy(p, &h, sizeof h);
+  }
+}
+
+// Tail load/store of n < W elements (missing lanes read as zero).
+template <Fmt F> inline typename FmtTraits<F>::V vload_partial(const typename FmtTraits<F>::Elem* p, int64_t n) {
+  typename FmtTraits<F>::Elem buf[FmtTraits<F>::W] = {};
+  for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+  return vload<F>(buf);
+}
+
+template <Fmt F> inline void vstore_partial(typename FmtTraits<F>::Elem* p, typename FmtTraits<F>::V v, int64_t n) {
+  typename FmtTraits<F>::Elem buf[FmtTraits<F>::W];
+  vstore<F>(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+}
+
+// Scalar conversions.
+template <Fmt F> inline typename FmtTraits<F>::Acc to_acc(typename FmtTraits<F>::Elem e) {
+  if constexpr (F == Fmt::f32 || F == Fmt::f64) {
+    return e;
+  } else if constexpr (F == Fmt::bf16) {
+    uint32_t u = static_cast<uint32_t>(e) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+  } else {
+    _Float16 h;
+    __builtin_memcpy(&h, &e, sizeof h);
+    return static_cast<float>(h);
+  }
+}
+
+template <Fmt F> inline typename FmtTraits<F>::Elem from_acc(typename FmtTraits<F>::Acc a) {
+  if constexpr (F == Fmt::f32 || F == Fmt::f64) {
+    return a;
+  } else if constexpr (F == Fmt::bf16) {
+    uint32_t u;
+    __builtin_memcpy(&u, &a, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  } else {
+    _Float16 h = static_cast<_Float16>(a);
+    uint16_t e;
+    __builtin_memcpy(&e, &h, sizeof e);
+    return e;
+  }
+}
+
+// Lane sum in a fixed pairwise order (deterministic, and more accurate than a running sum).
+inline float vhsum(f32x16 v) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = v[i] + v[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+inline double vhsum(f64x8 v) {
+  double s4[4];
+  for (int i = 0; i < 4; ++i) s4[i] = v[i] + v[i + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}

@@ -1,0 +1,84 @@
+"""Shared test configuration: which (backend, device) pairs run here, fresh seeds, tolerances.
+
+Triton runs on CPU tensors through its interpreter when there is no GPU: TRITON_INTERPRET must be
+set before triton is first imported, so it is set here, before anything imports it, unless the
+caller chose (the GPU check sets TRITON_INTERPRET=0)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastlin  # noqa: E402
+
+STATUS = fastlin.backends.status()
+
+
+def _pairs():
+    pairs = [("reference", "cpu"), ("cpp", "cpu")]
+    if torch.cuda.is_available():
+        pairs += [("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+    else:
+        pairs += [("triton", "cpu")]
+    return pairs
+
+
+def backend_params(include_reference: bool = True):
+    """pytest params of (backend, device); unavailable backends are skipped with their reason."""
+    out = []
+    for b, d in _pairs():
+        if b == "reference" and not include_reference:
+            continue
+        ok, why = STATUS[b]
+        marks = [] if ok else [pytest.mark.skip(reason=f"backend {b} unavailable: {why}")]
+        out.append(pytest.param((b, d), id=f"{b}-{d}", marks=marks))
+    return out
+
+
+@pytest.fixture(params=backend_params())
+def backend_device(request):
+    """(backend, device) for every backend that can run here (reference included)."""
+    return request.param
+
+
+@pytest.fixture(params=backend_params(include_reference=False))
+def kernel_backend_device(request):
+    """(backend, device) for the kernel backends (reference excluded: it is the oracle)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (stable across runs, so failures reproduce), never a shared stream.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
+
+
+# Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, per input dtype.
+# float32: fp32 accumulation of O(D) products plus a reduction over N; DESIGN.md puts float32
+# kernels far under 1e-5. float64: the same in double. bf16/fp16: outputs rounded to 8/11-bit
+# mantissas (relative rounding 2^-9 = 2e-3 for bf16, 2^-12 = 2.4e-4 for fp16) on top of input rounding.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    num = torch.linalg.vector_norm(out - ref).item()
+    den = torch.linalg.vector_norm(ref).item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def assert_rel_close(out, ref, dtype, factor: float = 1.0, what: str = ""):
+    """out within REL_TOL[dtype] * factor of ref (relative 2-norm); NaN anywhere in out fails."""
+    assert not torch.isnan(out.detach().cpu()).any() or torch.isnan(ref.detach().cpu()).any(), f"{what}: NaN in output"
+    err = rel_error(out, ref)
+    tol = REL_TOL[dtype] * factor
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"

@@ -44,6 +44,9 @@ class SGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every update call of every group is planned and checked before the first one writes, so
+        # a bad input in a later group leaves the earlier groups untouched too.
+        calls = []
         for group in self.param_groups:
             momentum = group["momentum"]
             opts = dict(
@@ -72,12 +75,13 @@ class SGD(torch.optim.SGD):
                 gs.append(p.grad)
                 if buf is not None:
                     bs.append(buf)
-            if len(subsets) > 1:  # check every call before the first one writes anything
-                for ps, gs, bs in subsets.values():
-                    C.check_sgd_update_args("sgd_update_", ps, gs, bs, momentum)
-            for (_, first), (ps, gs, bs) in subsets.items():
-                ops.sgd_update_(ps, gs, bs, first_step=first, **opts)
-                if momentum != 0:  # only after a successful update: a failed check leaves state as it was
-                    for p, b in zip(ps, bs):
-                        self.state[p]["momentum_buffer"] = b
+            calls += [(ps, gs, bs, first, momentum, opts) for (_, first), (ps, gs, bs) in subsets.items()]
+        if len(calls) > 1:  # check every call before the first one writes anything
+            for ps, gs, bs, _, momentum, _ in calls:
+                C.check_sgd_update_args("sgd_update_", ps, gs, bs, momentum)
+        for ps, gs, bs, first, momentum, opts in calls:
+            ops.sgd_update_(ps, gs, bs, first_step=first, **opts)
+            if momentum != 0:  # only after a successful update: a failed check leaves state as it was
+                for p, b in zip(ps, bs):
+                    self.state[p]["momentum_buffer"] = b
         return loss

@@ -44,6 +44,8 @@ def linear_mse_loss(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     x = _as_2d("linear_mse_loss", input)
     C.check_tensor("linear_mse_loss", "target", target)
     C.check_tensor("linear_mse_loss", "weight", weight)
+    # weight's rank first: the target check below reads weight.shape[0]
+    C.check_dim("linear_mse_loss", "weight", weight, 2, "(out_features, in_features)")
     if tuple(target.shape) != (*input.shape[:-1], weight.shape[0]):
         raise ValueError(
             f"fastlin.linear_mse_loss: target must have shape {C.shape_str((*input.shape[:-1], weight.shape[0]))} "

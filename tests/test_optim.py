@@ -57,27 +57,34 @@ def set_grads(params, grads):
 def assert_close(out, ref, dtype, floor, what):
     """||out - ref|| <= REL_TOL[dtype] * max(||ref||, floor).
 
-    The floor is the tensor's typical magnitude (a parameter's initial norm, a buffer's gradient
-    norm): a one-element parameter random-walking through 0, or a buffer averaging gradients of
-    both signs, would otherwise turn rounding that is fine relative to the values it came from
-    into a large error relative to a result that happens to be near 0."""
+    The floor is the tensor's typical magnitude: sqrt(numel) for the N(0, 1) initial values and
+    gradients of these tests (the scale rounding errors are relative to). A one-element parameter
+    random-walking through 0, or a buffer averaging gradients of both signs, would otherwise turn
+    rounding that is fine relative to the values it came from into a large error relative to a
+    result that happens to be near 0 (1 run in 300 of stock torch.optim.SGD itself)."""
     num = torch.linalg.vector_norm(out.detach().double() - ref.detach().double()).item()
     den = max(torch.linalg.vector_norm(ref.detach().double()).item(), float(floor))
     err = num / den if den else num
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3e} > {REL_TOL[dtype]:.1e} ({dtype})"
 
 
-def compare(params, opt, ref_params, ref_opt, dtype, what, init, grads):
-    """Parameters and momentum buffers against the float64 oracle; same state keys as torch."""
+def typical(t):
+    """sqrt(numel): the norm of an N(0, 1) tensor of t's size."""
+    return t.numel() ** 0.5
+
+
+def compare(params, opt, ref_params, ref_opt, dtype, what, floors=None):
+    """Parameters and momentum buffers against the float64 oracle; same state keys as torch.
+    floors: per parameter, the typical magnitude of it and its buffer (default: typical(p))."""
     for i, (p, r) in enumerate(zip(params, ref_params)):
         assert p.dtype == dtype
-        assert_close(p, r, dtype, torch.linalg.vector_norm(init[i].detach().double()), f"{what}: param {i}")
+        floor = typical(p) if floors is None else floors[i]
+        assert_close(p, r, dtype, floor, f"{what}: param {i}")
         st, ref_st = opt.state.get(p, {}), ref_opt.state.get(r, {})
         assert set(st) == set(ref_st), f"{what}: state keys of param {i}: {set(st)} != torch {set(ref_st)}"
         if "momentum_buffer" in ref_st:
             buf = st["momentum_buffer"]
             assert buf.dtype == dtype and buf.shape == p.shape and buf.device == p.device
-            floor = 0.0 if grads[i] is None else torch.linalg.vector_norm(grads[i].detach().double())
             assert_close(buf, ref_st["momentum_buffer"], dtype, floor, f"{what}: momentum_buffer {i}")
 
 
@@ -119,8 +126,7 @@ def test_sgd_step_for_step_with_state_dict_round_trip(backend_device, opts, dtyp
         ref_opt.step()
         for p, g in zip(params, kept):
             assert torch.equal(p.grad, g), "step modified a gradient"
-        compare(params, current, ref_params, ref_opt, dtype, f"step {step} ({type(current).__module__})", init,
-                grads[step])
+        compare(params, current, ref_params, ref_opt, dtype, f"step {step} ({type(current).__module__})")
 
 
 @pytest.mark.parametrize(
@@ -144,7 +150,7 @@ def test_sgd_tensor_lr(backend_device, opts):
         set_grads(ref_params, grads[step])
         opt.step()
         ref_opt.step()
-        compare(params, opt, ref_params, ref_opt, F64, f"step {step}", init, grads[step])
+        compare(params, opt, ref_params, ref_opt, F64, f"step {step}")
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
@@ -175,7 +181,7 @@ def test_sgd_with_lr_scheduler(backend_device, scheduler, tensor_lr):
             sched.step()
             ref_sched.step()
             assert [float(v) for v in sched.get_last_lr()] == pytest.approx([float(v) for v in ref_sched.get_last_lr()], rel=1e-15)
-            compare(params, opt, ref_params, ref_opt, F64, f"step {step}", init, grads[step])
+            compare(params, opt, ref_params, ref_opt, F64, f"step {step}")
     assert float(opt.param_groups[0]["lr"]) < 0.1  # the schedule did change the lr
     # the scheduler's own state_dict round trip still matches
     sched2 = make_sched(opt)
@@ -205,12 +211,12 @@ def test_sgd_closure(backend_device, momentum):
 
         return f
 
+    floors = [torch.linalg.vector_norm(p.detach()).item() for p in model.parameters()]
     for step in range(STEPS):
         loss = opt.step(closure(model, crit, opt))
         ref_loss = ref_opt.step(closure(ref_model, ref_crit, ref_opt))
         assert_rel_close(loss, ref_loss, F64, what=f"closure loss at step {step}")
-        params = list(model.parameters())
-        compare(params, opt, list(ref_model.parameters()), ref_opt, F64, f"step {step}", params, [p.grad for p in params])
+        compare(list(model.parameters()), opt, list(ref_model.parameters()), ref_opt, F64, f"step {step}", floors)
     assert opt.step() is None  # no closure: returns None like torch
 
 
@@ -244,7 +250,7 @@ def test_sgd_several_param_groups(backend_device):
         set_grads(ref_params, grads[step])
         opt.step()
         ref_opt.step()
-        compare(params, opt, ref_params, ref_opt, F64, f"step {step}", init, grads[step])
+        compare(params, opt, ref_params, ref_opt, F64, f"step {step}")
     assert opt.state_dict()["param_groups"] == ref_opt.state_dict()["param_groups"]
 
 
@@ -269,7 +275,7 @@ def test_sgd_skips_params_without_grad(backend_device, momentum):
         set_grads(ref_params, grads[step])
         opt.step()
         ref_opt.step()
-        compare(params, opt, ref_params, ref_opt, F64, f"step {step}", init, grads[step])
+        compare(params, opt, ref_params, ref_opt, F64, f"step {step}")
         if step < 10:
             assert torch.equal(params[0], init[0].to(device)), "a parameter without grad was updated"
             assert params[0] not in opt.state or not opt.state[params[0]]

@@ -72,14 +72,20 @@ def test_gradcheck_functional_any_shape(backend_device, reduction):
     """The any-shape wrappers of fastlin.functional (3-D input, 'none' composes two Functions)."""
     backend, device = backend_device
     _f64_or_skip(backend, device)
-    x, w, b, t = leaf(2, 3, 4, device=device), leaf(5, 4, device=device), leaf(5, device=device), leaf(2, 3, 5,
-                                                                                                            device=device)
+    x, w, b, t = (
+        leaf(2, 3, 4, device=device),
+        leaf(5, 4, device=device),
+        leaf(5, device=device),
+        leaf(2, 3, 5, device=device),
+    )
 
     def f(x, w, b, t):
         return fastlin.functional.linear_mse_loss(x, w, b, t, reduction, backend=backend)
 
     assert torch.autograd.gradcheck(f, (x, w, b, t))
-    assert torch.autograd.gradcheck(lambda x, w, b: fastlin.functional.linear(x, w, b, backend=backend), (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: fastlin.functional.linear(x, w, b, backend=backend), (x, w, b)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +162,9 @@ def test_linear_mse_loss_computes_only_what_is_needed(backend_device, needs, red
     if backend != "reference":
         assert _masks(rec, "linear_mse_loss") == [needs]  # gradients computed in forward: only those
     refs = [a.detach().requires_grad_(a.requires_grad) for a in (x, w, b, t)]
-    torch.nn.functional.mse_loss(torch.nn.functional.linear(*refs[:3]), refs[3], reduction=reduction).backward(gout)
+    torch.nn.functional.mse_loss(
+        torch.nn.functional.linear(*refs[:3]), refs[3], reduction=reduction
+    ).backward(gout)
     for name, a, r, need in zip("xwbt", (x, w, b, t), refs, needs):
         if need:
             assert_rel_close(a.grad, r.grad, F64, what=f"grad {name}")
@@ -168,14 +176,21 @@ def test_linear_mse_loss_no_grad_computes_no_gradients(backend_device):
     backend, device = backend_device
     if backend == "reference":
         pytest.skip("the op-level output_mask is observable on the kernel backends only")
-    x, w, b, t = leaf(7, 3, device=device), leaf(5, 3, device=device), leaf(5, device=device), leaf(7, 5, device=device)
+    x, w, b, t = (
+        leaf(7, 3, device=device),
+        leaf(5, 3, device=device),
+        leaf(5, device=device),
+        leaf(7, 5, device=device),
+    )
     with RecordMasks() as rec, torch.no_grad():
         fastlin.functional.linear_mse_loss(x, w, b, t, backend=backend)
         fastlin.nn.LinearMSELoss(3, 5, device=device, dtype=F64, backend=backend)(x, t)
     assert _masks(rec, "linear_mse_loss") == [(False,) * 4] * 2
 
 
-@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)], ids=["input", "target", "both"])
+@pytest.mark.parametrize(
+    "needs", [(True, False), (False, True), (True, True)], ids=["input", "target", "both"]
+)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_mse_loss_grads_where_needed(backend_device, needs, reduction):
     backend, device = backend_device
@@ -201,7 +216,12 @@ def test_backward_twice_with_retain_graph(backend_device, fn):
     """A second backward over a retained graph adds the same gradients again: saved tensors (the
     fused op saves its gradients) must not be modified in place by backward."""
     backend, device = backend_device
-    x, w, b, t = leaf(7, 3, device=device), leaf(5, 3, device=device), leaf(5, device=device), leaf(7, 5, device=device)
+    x, w, b, t = (
+        leaf(7, 3, device=device),
+        leaf(5, 3, device=device),
+        leaf(5, device=device),
+        leaf(7, 5, device=device),
+    )
     if fn == "linear":
         out = LinearFunction.apply(x, w, b, backend)
         g = torch.randn(7, 5, dtype=F64, device=device)

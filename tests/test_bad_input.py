@@ -12,15 +12,18 @@ from fastlin import functional as F
 
 
 @contextlib.contextmanager
-def raises(exc, *fragments):
+def raises(exc, *fragments, case=""):
     """pytest.raises(exc), and the message contains every fragment (argument name, expectation);
-    a tuple fragment is satisfied by any of its spellings."""
-    with pytest.raises(exc) as info:
-        yield info
+    a tuple fragment is satisfied by any of its spellings. ``case`` labels failures."""
+    try:
+        with pytest.raises(exc) as info:
+            yield info
+    except pytest.fail.Exception as e:
+        raise AssertionError(f"{case}: {e}") from None
     msg = str(info.value)
     for f in fragments:
         alternatives = f if isinstance(f, tuple) else (f,)
-        assert any(a in msg for a in alternatives), f"{f!r} not in error message: {msg}"
+        assert any(a in msg for a in alternatives), f"{case}: {f!r} not in error message: {msg}"
 
 
 # The C++ checks print c10's ScalarType names, the Python twins torch's: either names the dtype.
@@ -179,8 +182,12 @@ def test_linear_mse_loss_target_shape(backend_device, target_shape):
 
 def test_linear_mse_loss_mismatches(backend_device):
     backend, device = backend_device
-    x, w, b, y = (torch.randn(7, 3, device=device), torch.randn(2, 3, device=device), torch.randn(2, device=device),
-                  torch.randn(7, 2, device=device))
+    x, w, b, y = (
+        torch.randn(7, 3, device=device),
+        torch.randn(2, 3, device=device),
+        torch.randn(2, device=device),
+        torch.randn(7, 2, device=device),
+    )
     with raises(ValueError, "weight", "(out_features, 4)"):
         F.linear_mse_loss(torch.randn(7, 4, device=device), w, b, y, backend=backend)
     with raises(ValueError, "weight", "2-D"):
@@ -209,8 +216,18 @@ SGD_BAD = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", SGD_BAD, ids=["neg-lr", "neg-momentum", "neg-wd", "nesterov-no-momentum",
-                                                 "nesterov-dampening", "tensor-lr-2-elems"])
+@pytest.mark.parametrize(
+    "kwargs",
+    SGD_BAD,
+    ids=[
+        "neg-lr",
+        "neg-momentum",
+        "neg-wd",
+        "nesterov-no-momentum",
+        "nesterov-dampening",
+        "tensor-lr-2-elems",
+    ],
+)
 def test_sgd_invalid_options_like_torch(kwargs):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(Exception) as torch_err:
@@ -226,8 +243,12 @@ def _opt_with_state(backend, device, groups=1, momentum=0.9):
     if groups == 1:
         opt = fastlin.optim.SGD(params, lr=0.1, momentum=momentum, backend=backend)
     else:
-        opt = fastlin.optim.SGD([dict(params=params[:2]), dict(params=params[2:], lr=0.01)], lr=0.1,
-                                momentum=momentum, backend=backend)
+        opt = fastlin.optim.SGD(
+            [dict(params=params[:2]), dict(params=params[2:], lr=0.01)],
+            lr=0.1,
+            momentum=momentum,
+            backend=backend,
+        )
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # momentum buffers exist now
@@ -302,21 +323,43 @@ def test_sgd_update_bad_lists_change_nothing(backend_device):
     other = other_device(device)
     cases = [
         ("grads", lambda ps, gs, bs: (ps, gs[:2], bs), ValueError, ["grads", "one tensor per parameter"]),
-        ("buffers", lambda ps, gs, bs: (ps, gs, bs[:2]), ValueError, ["momentum_buffers", "one per parameter"]),
-        ("grad shape", lambda ps, gs, bs: (ps, gs[:2] + [torch.randn(3, device=device)], bs), ValueError,
-         ["grads", "(2,)", "(3,)"]),
-        ("buffer shape", lambda ps, gs, bs: (ps, gs, bs[:2] + [torch.randn(1, 2, device=device)]), ValueError,
-         ["momentum_buffers", "(2,)"]),
+        (
+            "buffers",
+            lambda ps, gs, bs: (ps, gs, bs[:2]),
+            ValueError,
+            ["momentum_buffers", "one per parameter"],
+        ),
+        (
+            "grad shape",
+            lambda ps, gs, bs: (ps, gs[:2] + [torch.randn(3, device=device)], bs),
+            ValueError,
+            ["grads", "(2,)", "(3,)"],
+        ),
+        (
+            "buffer shape",
+            lambda ps, gs, bs: (ps, gs, bs[:2] + [torch.randn(1, 2, device=device)]),
+            ValueError,
+            ["momentum_buffers", "(2,)"],
+        ),
         ("grad dtype", lambda ps, gs, bs: (ps, gs[:2] + [gs[2].double()], bs), TypeError, ["grads", "dtype"]),
-        ("buffer dtype", lambda ps, gs, bs: (ps, gs, bs[:2] + [bs[2].double()]), TypeError,
-         ["momentum_buffers", "dtype"]),
-        ("grad device", lambda ps, gs, bs: (ps, gs[:2] + [gs[2].to(other)], bs), RuntimeError, ["grads", "device"]),
+        (
+            "buffer dtype",
+            lambda ps, gs, bs: (ps, gs, bs[:2] + [bs[2].double()]),
+            TypeError,
+            ["momentum_buffers", "dtype"],
+        ),
+        (
+            "grad device",
+            lambda ps, gs, bs: (ps, gs[:2] + [gs[2].to(other)], bs),
+            RuntimeError,
+            ["grads", "device"],
+        ),
     ]
     for what, make, exc, fragments in cases:
         ps, gs, bs = _group(device)
         ps2, gs2, bs2 = make(ps, gs, bs)
         before = snapshot(*ps, *bs)
-        with raises(exc, *fragments):
+        with raises(exc, *fragments, case=what):
             F.sgd_update_(ps2, gs2, bs2, lr=0.1, momentum=0.9, backend=backend)
         assert_unchanged(before, *ps, *bs)
     ps, gs, _ = _group(device)
@@ -339,8 +382,13 @@ def _train_cases(device):
     other = other_device(device)
     return [
         ("target (N,)", dict(target=lambda a: a["target"][:, 0]), {}, ValueError, ["target", "(9, 2)"]),
-        ("feature mismatch", dict(input=lambda a: torch.randn(9, 4, device=device)), {}, ValueError,
-         ["weight", "(out_features, 4)"]),
+        (
+            "feature mismatch",
+            dict(input=lambda a: torch.randn(9, 4, device=device)),
+            {},
+            ValueError,
+            ["weight", "(out_features, 4)"],
+        ),
         ("weight rank", dict(weight=lambda a: a["weight"][0]), {}, ValueError, ["weight", "2-D"]),
         ("bias shape", dict(bias=lambda a: torch.randn(3, device=device)), {}, ValueError, ["bias", "(2,)"]),
         ("dtype mix", dict(target=lambda a: a["target"].double()), {}, TypeError, ["target", "dtype"]),
@@ -348,16 +396,33 @@ def _train_cases(device):
         ("device mix", dict(target=lambda a: a["target"].to(other)), {}, RuntimeError, ["target", "device"]),
         ("no weight_momentum", dict(weight_momentum=lambda a: None), {}, ValueError, ["weight_momentum"]),
         ("no bias_momentum", dict(bias_momentum=lambda a: None), {}, ValueError, ["bias_momentum"]),
-        ("buffer shape", dict(weight_momentum=lambda a: torch.randn(3, 2, device=device)), {}, ValueError,
-         ["weight_momentum", "(2, 3)"]),
-        ("sample_weight shape", dict(sample_weight=lambda a: torch.rand(8, device=device)), {}, ValueError,
-         ["sample_weight", "(9,)"]),
+        (
+            "buffer shape",
+            dict(weight_momentum=lambda a: torch.randn(3, 2, device=device)),
+            {},
+            ValueError,
+            ["weight_momentum", "(2, 3)"],
+        ),
+        (
+            "sample_weight shape",
+            dict(sample_weight=lambda a: torch.rand(8, device=device)),
+            {},
+            ValueError,
+            ["sample_weight", "(9,)"],
+        ),
         ("negative lr", {}, dict(lr=-0.1), ValueError, ["lr", ">= 0"]),
         ("negative momentum", {}, dict(momentum=-0.9), ValueError, ["momentum", ">= 0"]),
         ("negative weight_decay", {}, dict(weight_decay=-1e-2), ValueError, ["weight_decay", ">= 0"]),
         ("nesterov with dampening", {}, dict(nesterov=True, dampening=0.5), ValueError, ["nesterov"]),
-        ("empty input", dict(input=lambda a: a["input"][:0], target=lambda a: a["target"][:0],
-                             sample_weight=lambda a: None), {}, ValueError, ["input", "at least one row"]),
+        (
+            "empty input",
+            dict(
+                input=lambda a: a["input"][:0], target=lambda a: a["target"][:0], sample_weight=lambda a: None
+            ),
+            {},
+            ValueError,
+            ["input", "at least one row"],
+        ),
     ]
 
 
@@ -374,7 +439,7 @@ def test_train_step_and_fit_bad_input_change_nothing(backend_device, op):
         sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
         sgd.update(opts)
         extra = dict(epochs=2, batch_size=4) if op == "fit" else {}
-        with raises(exc, *fragments):
+        with raises(exc, *fragments, case=what):
             getattr(F, op)(**call_args, **sgd, **extra, backend=backend)
         assert_unchanged(before, *mutated)
     args = _train_args(device)

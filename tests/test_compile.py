@@ -85,8 +85,9 @@ def test_compile_full_training_step(backend_device, momentum):
     def build():
         model = fastlin.nn.Linear(5, 3, device=device, dtype=F64, backend=backend)
         crit = fastlin.nn.MSELoss(backend=backend)
-        opt = fastlin.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, nesterov=momentum > 0,
-                                backend=backend)
+        opt = fastlin.optim.SGD(
+            model.parameters(), lr=0.1, momentum=momentum, nesterov=momentum > 0, backend=backend
+        )
         return model, crit, opt
 
     model, crit, opt = build()
@@ -111,8 +112,12 @@ def test_compile_full_training_step(backend_device, momentum):
                 assert_rel_close(a, b, F64, what=f"param after step {i}")
             if momentum:
                 for a, b in zip(model.parameters(), e_model.parameters()):
-                    assert_rel_close(opt.state[a]["momentum_buffer"], e_opt.state[b]["momentum_buffer"], F64,
-                                     what=f"momentum buffer after step {i}")
+                    assert_rel_close(
+                        opt.state[a]["momentum_buffer"],
+                        e_opt.state[b]["momentum_buffer"],
+                        F64,
+                        what=f"momentum buffer after step {i}",
+                    )
 
 
 def test_compile_optimizer_step_alone(backend_device):
@@ -131,8 +136,12 @@ def test_compile_optimizer_step_alone(backend_device):
         ref_opt.step()
         for p, r in zip(params, ref):
             assert_rel_close(p, r, F64, what=f"param after step {i}")
-            assert_rel_close(opt.state[p]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"], F64,
-                             what=f"buffer after step {i}")
+            assert_rel_close(
+                opt.state[p]["momentum_buffer"],
+                ref_opt.state[r]["momentum_buffer"],
+                F64,
+                what=f"buffer after step {i}",
+            )
 
 
 def test_compile_no_graph_breaks_reported_by_explain(backend_device):

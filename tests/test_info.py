@@ -25,8 +25,13 @@ def _env(**extra):
 
 def _start(code: str, **env) -> subprocess.Popen:
     """A fresh interpreter (the import-time behaviour is what is tested) running code."""
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout=120):
@@ -58,8 +63,13 @@ def test_info_reports_versions_threads_and_backends():
 
 
 def test_python_m_fastlin_info_in_a_fresh_process():
-    proc = subprocess.run([sys.executable, "-m", "fastlin", "info"], env=_env(OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastlin", "info"],
+        env=_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"fastlin {fastlin.__version__}" in out
@@ -137,9 +147,9 @@ ENV_CHECK = """
         error = None
     except Exception as e:
         error = [type(e).__name__, str(e)]
-    print(json.dumps({"default": fastlin.backends.default(), "text": buf.getvalue(), "threads": report["threads"],
-                      "resolved": None if error else fastlin.backends.resolve(None, torch.device("cpu")),
-                      "error": error}))
+    resolved = None if error else fastlin.backends.resolve(None, torch.device("cpu"))
+    print(json.dumps({"default": fastlin.backends.default(), "text": buf.getvalue(),
+                      "threads": report["threads"], "resolved": resolved, "error": error}))
 """
 
 

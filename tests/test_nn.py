@@ -154,8 +154,9 @@ def test_linear_state_dict_interchangeable(backend_device, bias):
 
 def _check_linear(m, x, dtype, what):
     """Forward and backward of fastlin module m on x against torch.nn.Linear in float64."""
-    ref = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float64,
-                          device=x.device)
+    ref = torch.nn.Linear(
+        m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float64, device=x.device
+    )
     with torch.no_grad():
         ref.weight.copy_(m.weight)
         if m.bias is not None:
@@ -177,7 +178,9 @@ def _check_linear(m, x, dtype, what):
         pairs.append(("grad input", x.grad, x64.grad))
     for name, got, want in pairs:
         assert got is not None, f"{what}: {name} missing"
-        assert got.dtype == dtype and got.shape == want.shape, f"{what}: {name} {got.dtype} {tuple(got.shape)}"
+        assert got.dtype == dtype and got.shape == want.shape, (
+            f"{what}: {name} {got.dtype} {tuple(got.shape)}"
+        )
         assert_close(got, want, dtype, f"{what}: {name}", scales[name].reshape(want.shape))
 
 
@@ -334,8 +337,17 @@ def test_mse_loss_grad_of_one_side(backend_device, needs):
     assert (input.grad is None) == (needs != "input") and (target.grad is None) == (needs != "target")
 
 
-LEGACY = [(None, None), (True, None), (False, None), (None, True), (None, False), (True, True), (True, False),
-          (False, True), (False, False)]
+LEGACY = [
+    (None, None),
+    (True, None),
+    (False, None),
+    (None, True),
+    (None, False),
+    (True, True),
+    (True, False),
+    (False, True),
+    (False, False),
+]
 
 
 @pytest.mark.parametrize("size_average, reduce", LEGACY, ids=[f"sa={a}-r={b}" for a, b in LEGACY])
@@ -345,7 +357,9 @@ def test_mse_loss_legacy_arguments(backend_device, size_average, reduce):
         warnings.simplefilter("ignore", UserWarning)  # torch's "size_average and reduce ... deprecated"
         ref_crit = torch.nn.MSELoss(size_average, reduce)
         crit = fastlin.nn.MSELoss(size_average, reduce, backend=backend)
-        crit_kw = fastlin.nn.MSELoss(size_average=size_average, reduce=reduce, reduction="sum", backend=backend)
+        crit_kw = fastlin.nn.MSELoss(
+            size_average=size_average, reduce=reduce, reduction="sum", backend=backend
+        )
     assert crit.reduction == ref_crit.reduction
     # A legacy argument overrides reduction=, as in torch; with none given, reduction= wins.
     assert crit_kw.reduction == ("sum" if (size_average, reduce) == (None, None) else ref_crit.reduction)
@@ -388,8 +402,9 @@ LMSE_DO = [(1, 1), (3, 17), (257, 3)]
 
 
 def _check_linear_mse(m, x, y, dtype, what):
-    ref = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float64,
-                          device=x.device)
+    ref = torch.nn.Linear(
+        m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float64, device=x.device
+    )
     with torch.no_grad():
         ref.weight.copy_(m.weight)
         if m.bias is not None:
@@ -406,7 +421,9 @@ def _check_linear_mse(m, x, y, dtype, what):
     # module composes linear and mse_loss like torch: the prediction is rounded to the dtype
     # before the subtraction, so r carries the rounding of the prediction, not of r.)
     r64 = (pred64 - y64).detach()
-    s_r = (linear_scales(x, m.weight, m.bias, r64)["output"].reshape(r64.shape).square() + y64.detach().square()).sqrt()
+    s_r = (
+        linear_scales(x, m.weight, m.bias, r64)["output"].reshape(r64.shape).square() + y64.detach().square()
+    ).sqrt()
     per = 1.0 / r64.numel() if m.reduction == "mean" and r64.numel() else 1.0
     loss_scale = r64.abs() * s_r
     loss_scale = loss_scale if m.reduction == "none" else loss_scale.sum() * per
@@ -435,7 +452,9 @@ def _check_linear_mse(m, x, y, dtype, what):
 @pytest.mark.parametrize("N", NS)
 def test_linear_mse_loss_matches_composition(backend_device, N, D, O, bias, reduction, dtype):
     backend, device = backend_device
-    m = fastlin.nn.LinearMSELoss(D, O, bias=bias, device=device, dtype=dtype, reduction=reduction, backend=backend)
+    m = fastlin.nn.LinearMSELoss(
+        D, O, bias=bias, device=device, dtype=dtype, reduction=reduction, backend=backend
+    )
     x = randn(N, D, dtype=dtype, device=device, requires_grad=True)
     y = randn(N, O, dtype=dtype, device=device, requires_grad=True)
     _check_linear_mse(m, x, y, dtype, f"N={N} D={D} O={O} {reduction}")
@@ -449,7 +468,9 @@ def test_linear_mse_loss_matches_composition(backend_device, N, D, O, bias, redu
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_linear_mse_loss_leading_dims(backend_device, x_shape, y_shape, reduction):
     backend, device = backend_device
-    m = fastlin.nn.LinearMSELoss(3, 17, device=device, dtype=torch.float64, reduction=reduction, backend=backend)
+    m = fastlin.nn.LinearMSELoss(
+        3, 17, device=device, dtype=torch.float64, reduction=reduction, backend=backend
+    )
     x = randn(*x_shape, dtype=torch.float64, device=device, requires_grad=True)
     y = randn(*y_shape, dtype=torch.float64, device=device, requires_grad=True)
     _check_linear_mse(m, x, y, torch.float64, f"{x_shape} {reduction}")
@@ -498,4 +519,3 @@ def test_linear_mse_loss_target_shape_must_match(backend_device, y_shape):
     msg = str(e.value)
     assert "target" in msg and shape_str((7, m.out_features)) in msg, msg
     assert torch.equal(m.weight, w0)
-

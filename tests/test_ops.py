@@ -6,8 +6,16 @@ non-contiguous inputs, masked-off gradients."""
 import pytest
 import torch
 
-OPS = ["linear", "linear_backward", "mse_loss", "mse_loss_backward", "linear_mse_loss", "sgd_update_", "train_step",
-       "fit"]
+OPS = [
+    "linear",
+    "linear_backward",
+    "mse_loss",
+    "mse_loss_backward",
+    "linear_mse_loss",
+    "sgd_update_",
+    "train_step",
+    "fit",
+]
 
 
 @pytest.fixture
@@ -53,14 +61,21 @@ def samples(op, device):
             (r(7, 5, device=device), r(7, 3, device=device), r(5, 3, device=device), [True, True, True]),
             (r(7, 5, device=device), r(7, 3, device=device), r(5, 3, device=device), [True, False, False]),
             (r(7, 5, device=device), r(7, 3, device=device), r(5, 3, device=device), [False, True, True]),
-            (noncontig(9, 17, device), noncontig(9, 257, device), r(17, 257, device=device), [True, True, False]),
-            (r(1, 1, device=device, dtype=f64), r(1, 1, device=device, dtype=f64), r(1, 1, device=device, dtype=f64),
-             [True, True, True]),
+            (
+                noncontig(9, 17, device),
+                noncontig(9, 257, device),
+                r(17, 257, device=device),
+                [True, True, False],
+            ),
+            (
+                r(1, 1, device=device, dtype=f64),
+                r(1, 1, device=device, dtype=f64),
+                r(1, 1, device=device, dtype=f64),
+                [True, True, True],
+            ),
         ]
     if op == "mse_loss":
-        return [
-            (r(7, 3, device=device), r(7, 3, device=device), red) for red in ("none", "mean", "sum")
-        ] + [
+        return [(r(7, 3, device=device), r(7, 3, device=device), red) for red in ("none", "mean", "sum")] + [
             (r(device=device), r(device=device), "mean"),
             (noncontig(4097, 3, device), r(4097, 3, device=device), "sum"),
             (r(2, 3, 5, device=device, dtype=f64), r(2, 3, 5, device=device, dtype=f64), "none"),
@@ -75,18 +90,49 @@ def samples(op, device):
         ]
     if op == "linear_mse_loss":
         return [
-            (r(7, 3, device=device), r(5, 3, device=device), r(5, device=device), r(7, 5, device=device), "mean",
-             [True, True, True, True]),
-            (r(7, 3, device=device), r(5, 3, device=device), None, r(7, 5, device=device), "sum",
-             [False, True, False, True]),
-            (r(1, 1, device=device), r(1, 1, device=device), r(1, device=device), r(1, 1, device=device), "mean",
-             [False, False, False, False]),
-            (noncontig(33, 257, device), r(17, 257, device=device), r(17, device=device), noncontig(33, 17, device),
-             "mean", [True, True, True, False]),
-            (r(4, 3, device=device, dtype=f64), r(2, 3, device=device, dtype=f64), None,
-             r(4, 2, device=device, dtype=f64), "sum", [True, True, False, True]),
+            (
+                r(7, 3, device=device),
+                r(5, 3, device=device),
+                r(5, device=device),
+                r(7, 5, device=device),
+                "mean",
+                [True, True, True, True],
+            ),
+            (
+                r(7, 3, device=device),
+                r(5, 3, device=device),
+                None,
+                r(7, 5, device=device),
+                "sum",
+                [False, True, False, True],
+            ),
+            (
+                r(1, 1, device=device),
+                r(1, 1, device=device),
+                r(1, device=device),
+                r(1, 1, device=device),
+                "mean",
+                [False, False, False, False],
+            ),
+            (
+                noncontig(33, 257, device),
+                r(17, 257, device=device),
+                r(17, device=device),
+                noncontig(33, 17, device),
+                "mean",
+                [True, True, True, False],
+            ),
+            (
+                r(4, 3, device=device, dtype=f64),
+                r(2, 3, device=device, dtype=f64),
+                None,
+                r(4, 2, device=device, dtype=f64),
+                "sum",
+                [True, True, False, True],
+            ),
         ]
     if op == "sgd_update_":
+
         def group(n_buf):
             ps = [r(17, 3, device=device), r(17, device=device), r(1, device=device)]
             gs = [torch.randn_like(p) for p in ps]
@@ -103,6 +149,7 @@ def samples(op, device):
             out.append((ps, gs, bs, 0.1, momentum, dampening, wd, nesterov, maximize, first))
         return out
     if op in ("train_step", "fit"):
+
         def case(bias, momentum, sample_weight, n=9, d=3, o=2):
             x, y = r(n, d, device=device), r(n, o, device=device)
             w = r(o, d, device=device)
@@ -113,7 +160,11 @@ def samples(op, device):
             return x, y, w, b, wm, bm, sw
 
         out = []
-        for bias, momentum, sw, first in [(True, 0.0, False, False), (False, 0.9, True, True), (True, 0.9, False, False)]:
+        for bias, momentum, sw, first in [
+            (True, 0.0, False, False),
+            (False, 0.9, True, True),
+            (True, 0.9, False, False),
+        ]:
             tensors = case(bias, momentum, sw)
             sgd = (0.05, momentum, 0.0, 1e-2, momentum > 0, False, first)
             if op == "train_step":
@@ -133,9 +184,15 @@ def samples(op, device):
 CPP_BUGS = {
     ("linear_backward", 1): "linear_backward_cpu returns one `empty` tensor for every masked-off output, so "
     "outputs 1 and 2 alias each other (the schema declares distinct outputs); allocate one (0,) tensor each",
-    ("linear_mse_loss", 1): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
+    (
+        "linear_mse_loss",
+        1,
+    ): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
     "outputs 1 and 3 alias each other; allocate one (0,) tensor each",
-    ("linear_mse_loss", 2): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
+    (
+        "linear_mse_loss",
+        2,
+    ): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
     "outputs 1..4 alias each other; allocate one (0,) tensor each",
     ("mse_loss", 6): "mse_loss_cpu('none') returns the elementwise loss with a transposed input's strides "
     "(1, 257); the fake impl (and every other op) returns a contiguous tensor",

@@ -32,8 +32,16 @@ def _combos():
     ):
         if nesterov and (momentum <= 0 or dampening != 0):  # torch's rule: ValueError
             continue
-        out.append(dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize))
+        out.append(
+            dict(
+                lr=0.1,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+            )
+        )
     return out
 
 
@@ -112,7 +120,9 @@ def test_sgd_step_for_step_with_state_dict_round_trip(backend_device, opts, dtyp
             sd = copy.deepcopy(opt.state_dict())
             ref_sd = ref_opt.state_dict()
             assert sd["param_groups"] == ref_sd["param_groups"]  # same keys and values as torch's
-            assert {k: set(v) for k, v in sd["state"].items()} == {k: set(v) for k, v in ref_sd["state"].items()}
+            assert {k: set(v) for k, v in sd["state"].items()} == {
+                k: set(v) for k, v in ref_sd["state"].items()
+            }
             current = torch.optim.SGD(params, **opts)
             current.load_state_dict(sd)
         if step == 30:
@@ -131,7 +141,11 @@ def test_sgd_step_for_step_with_state_dict_round_trip(backend_device, opts, dtyp
 
 @pytest.mark.parametrize(
     "opts",
-    [dict(momentum=0.0), dict(momentum=0.9, nesterov=True, weight_decay=1e-2), dict(momentum=0.9, dampening=0.5)],
+    [
+        dict(momentum=0.0),
+        dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+        dict(momentum=0.9, dampening=0.5),
+    ],
     ids=["plain", "nesterov-wd", "dampening"],
 )
 def test_sgd_tensor_lr(backend_device, opts):
@@ -180,7 +194,9 @@ def test_sgd_with_lr_scheduler(backend_device, scheduler, tensor_lr):
             ref_opt.step()
             sched.step()
             ref_sched.step()
-            assert [float(v) for v in sched.get_last_lr()] == pytest.approx([float(v) for v in ref_sched.get_last_lr()], rel=1e-15)
+            assert [float(v) for v in sched.get_last_lr()] == pytest.approx(
+                [float(v) for v in ref_sched.get_last_lr()], rel=1e-15
+            )
             compare(params, opt, ref_params, ref_opt, F64, f"step {step}")
     assert float(opt.param_groups[0]["lr"]) < 0.1  # the schedule did change the lr
     # the scheduler's own state_dict round trip still matches
@@ -216,7 +232,9 @@ def test_sgd_closure(backend_device, momentum):
         loss = opt.step(closure(model, crit, opt))
         ref_loss = ref_opt.step(closure(ref_model, ref_crit, ref_opt))
         assert_rel_close(loss, ref_loss, F64, what=f"closure loss at step {step}")
-        compare(list(model.parameters()), opt, list(ref_model.parameters()), ref_opt, F64, f"step {step}", floors)
+        compare(
+            list(model.parameters()), opt, list(ref_model.parameters()), ref_opt, F64, f"step {step}", floors
+        )
     assert opt.step() is None  # no closure: returns None like torch
 
 
@@ -232,7 +250,9 @@ def test_sgd_several_param_groups(backend_device):
     late = dict(lr=0.2, momentum=0.5, dampening=0.5)  # added with add_param_group at step 10
 
     def build(cls, params, **kw):
-        opt = cls([dict(params=params[0:2], **groups[0]), dict(params=params[2:4], **groups[1])], lr=0.3, **kw)
+        opt = cls(
+            [dict(params=params[0:2], **groups[0]), dict(params=params[2:4], **groups[1])], lr=0.3, **kw
+        )
         return opt
 
     params, ref_params = make_params(init, F64, device), make_params(init, F64, device)

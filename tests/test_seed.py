@@ -125,7 +125,9 @@ def test_drop_ins_are_isinstance_compatible(backend_device):
         torch.nn.Tanh(),
         fastlin.nn.Linear(4, 2, device=device, backend=backend),
     )
-    ref = torch.nn.Sequential(torch.nn.Linear(3, 4, device=device), torch.nn.Tanh(), torch.nn.Linear(4, 2, device=device))
+    ref = torch.nn.Sequential(
+        torch.nn.Linear(3, 4, device=device), torch.nn.Tanh(), torch.nn.Linear(4, 2, device=device)
+    )
     ref.load_state_dict(model.state_dict())
     opt = fastlin.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, backend=backend)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)

@@ -373,6 +373,18 @@ def test_mse_loss_legacy_arguments(backend_device, size_average, reduce):
     assert_rel_close(out_f, ref_f, torch.float64, what="functional legacy")
 
 
+def test_mse_loss_deprecated_elementwise_mean(backend_device):
+    """torch still accepts reduction='elementwise_mean' (with a deprecation warning): so does the drop-in."""
+    backend, device = backend_device
+    x = randn(7, 3, dtype=torch.float64, device=device, requires_grad=True)
+    y = randn(7, 3, dtype=torch.float64, device=device)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        ref = torch.nn.MSELoss(reduction="elementwise_mean")(x, y)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        out = fastlin.nn.MSELoss(reduction="elementwise_mean", backend=backend)(x, y)
+    assert_close(out, ref, torch.float64, "elementwise_mean")
+
+
 @pytest.mark.parametrize(
     "input_shape, target_shape",
     [((7,), (7, 1)), ((7, 1), (7,)), ((7, 3), (1, 3)), ((7, 3), (3,)), ((), (1,)), ((2, 3), (3, 2))],

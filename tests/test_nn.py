@@ -43,8 +43,8 @@ def assert_close(out, ref, dtype, what, scale=None):
     4097 random-sign products to 0.85 while its terms are ~64 in root-sum-square) from turning
     rounding that is fine relative to the terms into a large error relative to the result."""
     out, ref = out.detach(), ref.detach()
-    out_nan, ref_nan = torch.isnan(out).cpu(), torch.isnan(ref).cpu()
-    assert torch.equal(out_nan, ref_nan), f"{what}: NaN where torch has none (or the reverse)"
+    out_nan, ref_nan = torch.isnan(out), torch.isnan(ref)
+    assert torch.equal(out_nan.cpu(), ref_nan.cpu()), f"{what}: NaN where torch has none (or the reverse)"
     if ref_nan.any():
         out, ref = out[~out_nan], ref[~ref_nan]
         scale = None

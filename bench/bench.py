@@ -159,8 +159,13 @@ def make_contenders(case: Case, xs, ys, steps: int, device, backend: str, with_c
 
     # fastlin drop-in: the seed's loop with the three fastlin constructors
     if low:
-        out.append(Contender("fastlin drop-in", None,
-                             skip="fastlin.nn.Linear wants input and weight in one dtype (no autocast rule)"))
+        out.append(
+            Contender(
+                "fastlin drop-in",
+                None,
+                skip="fastlin.nn.Linear wants input and weight in one dtype (no autocast rule)",
+            )
+        )
     else:
         m_d = fastlin.nn.Linear(case.d, case.o, device=device, backend=backend)
         m_d.load_state_dict(init)
@@ -224,8 +229,17 @@ def memory_probe(case: Case, device, backend: str, steps: int) -> dict:
 def measure_memory(case: Case, device, backend: str, steps: int) -> dict:
     if torch.device(device).type == "cuda":
         return memory_probe(case, device, backend, steps)
-    args = ["bench.bench", "--memory-probe", case.name, "--device", str(device), "--backend", backend,
-            "--steps", str(steps)]
+    args = [
+        "bench.bench",
+        "--memory-probe",
+        case.name,
+        "--device",
+        str(device),
+        "--backend",
+        backend,
+        "--steps",
+        str(steps),
+    ]
     text = run_module(args[0], args[1:], env=memory_probe_env())
     return json.loads(text.strip().splitlines()[-1])
 
@@ -242,13 +256,23 @@ def run_case(case: Case, args, log) -> dict:
     k = rotation_count(x.nbytes + y.nbytes, device)
     xs = [x] + [x.clone() for _ in range(k - 1)]
     ys = [y] + [y.clone() for _ in range(k - 1)]
-    log(f"[{case.name}] {case.shape} {str(case.dtype).replace('torch.', '')}, {steps} steps per run, "
-        f"x {fmt_bytes(x.nbytes)}, {k} input cop{'y' if k == 1 else 'ies'}")
+    log(
+        f"[{case.name}] {case.shape} {str(case.dtype).replace('torch.', '')}, {steps} steps per run, "
+        f"x {fmt_bytes(x.nbytes)}, {k} input cop{'y' if k == 1 else 'ies'}"
+    )
     lim = Limits.measure(device, sample=x, dtypes=(case.dtype,))
     torch._dynamo.reset()  # each case compiles afresh (and stays under dynamo's recompile limit)
-    contenders, models = make_contenders(case, xs, ys, steps, device, args.backend, with_compile=not args.no_compile)
-    stats = measure(contenders + lim.probes(), repeats=args.repeats, warmup=args.warmup, device=device,
-                    min_seconds=args.min_seconds, log=log if args.verbose else None)
+    contenders, models = make_contenders(
+        case, xs, ys, steps, device, args.backend, with_compile=not args.no_compile
+    )
+    stats = measure(
+        contenders + lim.probes(),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=device,
+        min_seconds=args.min_seconds,
+        log=log if args.verbose else None,
+    )
     lim.update(stats)  # the limit from the same interleaved rounds as the contenders
     lim.release()
     stats = {k: v for k, v in stats.items() if not k.startswith("limit:")}
@@ -266,12 +290,20 @@ def run_case(case: Case, args, log) -> dict:
         except (RuntimeError, OSError) as e:  # e.g. no /proc: say so, keep the timings
             log(f"[{case.name}] memory probe failed: {e}")
     return {
-        "case": case.name, "shape": case.shape, "n": case.n, "d": case.d, "o": case.o,
-        "dtype": str(case.dtype).replace("torch.", ""), "steps_per_run": steps, "input_copies": k,
-        "x_bytes": x.nbytes, "x_in_cache": x.nbytes < cache_bytes() if device.type == "cpu" else None,
+        "case": case.name,
+        "shape": case.shape,
+        "n": case.n,
+        "d": case.d,
+        "o": case.o,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "steps_per_run": steps,
+        "input_copies": k,
+        "x_bytes": x.nbytes,
+        "x_in_cache": x.nbytes < cache_bytes() if device.type == "cpu" else None,
         "limits": lim.as_dict(),
         "limit_read_s": steps * bytes_per_step / lim.read_bandwidth,
-        "limit_flops_s": steps * flops_per_step / lim.gemm_rate, "limit_s": limit,
+        "limit_flops_s": steps * flops_per_step / lim.gemm_rate,
+        "limit_s": limit,
         "stats": {n: (s.as_dict() if s else None) for n, s in stats.items()},
         "skipped": {c.name: c.skip for c in contenders if c.skip},
         "peak_extra_memory": memory,
@@ -288,19 +320,41 @@ def case_table(res: dict) -> str:
             rows.append([name, "n/a", "", "", "", "", "", res["skipped"].get(name, "")])
             continue
         mem = res["peak_extra_memory"].get(name)
-        rows.append([name, fmt_seconds(s["median"]), fmt_seconds(s["median"] / steps), fmt_seconds(s["min"]),
-                     fmt_seconds(s["max"]), f"{stock / s['median']:.3g}x", f"{s['median'] / res['limit_s']:.3g}x",
-                     fmt_bytes(mem) if mem is not None else ""])
+        rows.append(
+            [
+                name,
+                fmt_seconds(s["median"]),
+                fmt_seconds(s["median"] / steps),
+                fmt_seconds(s["min"]),
+                fmt_seconds(s["max"]),
+                f"{stock / s['median']:.3g}x",
+                f"{s['median'] / res['limit_s']:.3g}x",
+                fmt_bytes(mem) if mem is not None else "",
+            ]
+        )
     lim = res["limit_s"]
-    rows.append(["limit", fmt_seconds(lim), fmt_seconds(lim / steps), "", "", f"{stock / lim:.3g}x", "1x", ""])
-    head = ["contender", f"median/{steps} steps", "per step", "min", "max", "speed-up", "x limit", "peak extra mem"]
+    rows.append(
+        ["limit", fmt_seconds(lim), fmt_seconds(lim / steps), "", "", f"{stock / lim:.3g}x", "1x", ""]
+    )
+    head = [
+        "contender",
+        f"median/{steps} steps",
+        "per step",
+        "min",
+        "max",
+        "speed-up",
+        "x limit",
+        "peak extra mem",
+    ]
     L = res["limits"]
-    title = (f"{res['case']}: {res['shape']} (N x D x O) {res['dtype']}, {steps} steps per run, "
-             f"{len(res['stats']['stock eager']['samples'])} rounds; x {fmt_bytes(res['x_bytes'])}\n"
-             f"limit per step: read of x {fmt_seconds(res['limit_read_s'] / steps)} at "
-             f"{L['read_bandwidth'] / 1e9:.3g} GB/s [{L['read_method']}], "
-             f"{fmt_seconds(res['limit_flops_s'] / steps)} at {L['gemm_rate'] / 1e9:.3g} GFLOP/s "
-             f"[{L['gemm_method']}]; both from the interleaved rounds")
+    title = (
+        f"{res['case']}: {res['shape']} (N x D x O) {res['dtype']}, {steps} steps per run, "
+        f"{len(res['stats']['stock eager']['samples'])} rounds; x {fmt_bytes(res['x_bytes'])}\n"
+        f"limit per step: read of x {fmt_seconds(res['limit_read_s'] / steps)} at "
+        f"{L['read_bandwidth'] / 1e9:.3g} GB/s [{L['read_method']}], "
+        f"{fmt_seconds(res['limit_flops_s'] / steps)} at {L['gemm_rate'] / 1e9:.3g} GFLOP/s "
+        f"[{L['gemm_method']}]; both from the interleaved rounds"
+    )
     if res.get("x_in_cache"):
         title += "\n(x fits in the last-level cache: the DRAM-read limit is a loose lower bound here)"
     return title + "\n" + format_table(head, rows)
@@ -314,14 +368,18 @@ def summary_table(results: list[dict]) -> str:
         row = [res["case"]]
         for c in CONTENDERS:
             s = res["stats"].get(c)
-            row.append("n/a" if s is None else f"{stock / s['median']:.3g}x / {s['median'] / res['limit_s']:.3g}L")
+            row.append(
+                "n/a" if s is None else f"{stock / s['median']:.3g}x / {s['median'] / res['limit_s']:.3g}L"
+            )
         row.append(fmt_seconds(res["limit_s"] / res["steps_per_run"]) + "/step")
         rows.append(row)
-    return ("speed-up vs stock eager / time in multiples of the limit (L), medians:\n" + format_table(head, rows))
+    return "speed-up vs stock eager / time in multiples of the limit (L), medians:\n" + format_table(
+        head, rows
+    )
 
 
 def chart(results: list[dict], path: str) -> str | None:
-    """Bar chart of each contender's median in multiples of the limit (log scale)."""
+    """Two panels: speed-up over stock eager (higher is better) and median / limit (lower is better)."""
     try:
         import matplotlib
 
@@ -329,20 +387,39 @@ def chart(results: list[dict], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / len(CONTENDERS)
-    for j, c in enumerate(CONTENDERS):
-        vals = [(r["stats"][c]["median"] / r["limit_s"]) if r["stats"].get(c) else float("nan") for r in results]
-        ax.bar([i + (j - (len(CONTENDERS) - 1) / 2) * width for i in range(len(results))], vals, width, label=c)
-    ax.axhline(1.0, color="k", lw=1, ls="--", label="limit (one read of x / GEMM rate)")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels([f"{r['case']}\n{r['dtype']}" for r in results], fontsize=8)
-    ax.set_ylabel("median time / limit (lower is better)")
-    ax.set_title("fastlin training step vs stock PyTorch (medians, same run)")
-    ax.legend(fontsize=7, ncol=2)
+    labels = [f"{r['case']}\n{r['dtype']}" for r in results]
+    for ax, kind in zip(axes, ("speed-up", "limit")):
+        for j, c in enumerate(CONTENDERS):
+            vals = []
+            for r in results:
+                s = r["stats"].get(c)
+                if s is None:
+                    vals.append(float("nan"))
+                elif kind == "speed-up":
+                    vals.append(r["stats"]["stock eager"]["median"] / s["median"])
+                else:
+                    vals.append(s["median"] / r["limit_s"])
+            ax.bar(
+                [i + (j - (len(CONTENDERS) - 1) / 2) * width for i in range(len(results))],
+                vals,
+                width,
+                label=c,
+            )
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels(labels, fontsize=8)
+        if kind == "speed-up":
+            ax.set_ylabel("stock eager median / contender median")
+            ax.set_title("speed-up over stock PyTorch (higher is better)")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_ylabel("contender median / limit")
+            ax.set_title("time in multiples of the limit (lower is better; 1 = limit)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
@@ -356,7 +433,8 @@ def results_md(results, info, command, started, elapsed, tables, chart_name) -> 
         f"- machine: {info['cpu']}, {info['threads']} torch threads ({info['logical_cpus']} logical CPUs), "
         f"LLC {fmt_bytes(info['llc_bytes'])}" + (f", GPU {info['gpu']}" if "gpu" in info else ""),
         f"- torch {info['torch']}, python {info['python']}, fastlin backend `{info['backend']}`",
-        "- the machine is shared with other jobs: read ratios (one run, interleaved rounds), not absolute times",
+        "- the machine is shared with other jobs: read the ratios (one run, interleaved rounds), "
+        "not the absolute times",
         "",
         "Medians of interleaved rounds; each run does the case's steps and continues training. "
         "speed-up = stock eager / contender; x limit = contender / limit, the limit being one read of x "
@@ -383,13 +461,22 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, help="untimed runs per contender first (default 2, --quick 1)")
     p.add_argument("--steps", type=int, help="steps per timed run on the big cases (default per case)")
     p.add_argument("--seed-epochs", type=int, help="epochs per run of the seed case (default 1000)")
-    p.add_argument("--min-seconds", type=float, default=0.0,
-                   help="add rounds until every contender has this much timed in total (default 0)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="add rounds until every contender has this much timed in total (default 0)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"), help="JSON and PNG go here")
-    p.add_argument("--results", default=None,
-                   help="write a RESULTS.md here (default: bench/RESULTS.md for a full run, none for --quick)")
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "out"), help="JSON and PNG go here"
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="write a RESULTS.md here (default: bench/RESULTS.md for a full run, none for --quick)",
+    )
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -410,11 +497,17 @@ def main(argv=None) -> int:
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = datetime.datetime.now()
     info = machine_info(args.device)
-    info["backend"] = fastlin.backends.resolve(None if args.backend == "auto" else args.backend,
-                                               torch.device(args.device))
-    command = "python -m bench.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    print(f"{command.strip()}\n{info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-          f"fastlin backend {info['backend']}, device {args.device}\n", flush=True)
+    info["backend"] = fastlin.backends.resolve(
+        None if args.backend == "auto" else args.backend, torch.device(args.device)
+    )
+    command = "python -m bench.bench " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    print(
+        f"{command.strip()}\n{info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+        f"fastlin backend {info['backend']}, device {args.device}\n",
+        flush=True,
+    )
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -432,8 +525,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     elapsed = (datetime.datetime.now() - t0).total_seconds()
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"command": command, "date": started, "elapsed_s": elapsed, "machine": info, "results": results},
-                  f, indent=1)
+        json.dump(
+            {"command": command, "date": started, "elapsed_s": elapsed, "machine": info, "results": results},
+            f,
+            indent=1,
+        )
     png = os.path.join(args.out, "bench.png")
     note = chart(results, png)
     print(f"\nwrote {os.path.join(args.out, 'bench.json')}" + (f"; {note}" if note else f" and {png}"))

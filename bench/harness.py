@@ -105,8 +105,15 @@ def time_once(fn: Callable[[], Any], device="cpu") -> float:
     return time.perf_counter() - t0
 
 
-def measure(contenders: list[Contender], *, repeats: int = 7, warmup: int = 2, device="cpu",
-            min_seconds: float = 0.0, log: Callable[[str], None] | None = None) -> dict[str, Stats | None]:
+def measure(
+    contenders: list[Contender],
+    *,
+    repeats: int = 7,
+    warmup: int = 2,
+    device="cpu",
+    min_seconds: float = 0.0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Stats | None]:
     """Interleaved timing of the contenders -> {name: Stats, or None for a skipped one}.
 
     repeats: timed rounds (each times every contender once, in rotated order). warmup: untimed
@@ -129,7 +136,7 @@ def measure(contenders: list[Contender], *, repeats: int = 7, warmup: int = 2, d
             if c.setup is not None:
                 c.setup(r)
                 _sync(device)
-            samples[c.name].append(time_once(lambda c=c: c.run(r), device))
+            samples[c.name].append(time_once(lambda c=c, r=r: c.run(r), device))
         r += 1
     return {c.name: (Stats.of(samples[c.name]) if c.skip is None else None) for c in contenders}
 
@@ -186,8 +193,14 @@ class Limits:
     _gemm: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, flops) of the winner
 
     @classmethod
-    def measure(cls, device="cpu", sample: torch.Tensor | None = None, dtypes=(torch.float32,),
-                buffer_bytes: int | None = None, repeats: int = 5) -> Limits:
+    def measure(
+        cls,
+        device="cpu",
+        sample: torch.Tensor | None = None,
+        dtypes=(torch.float32,),
+        buffer_bytes: int | None = None,
+        repeats: int = 5,
+    ) -> Limits:
         """Measure both limits. sample: the case's x, read as one of the bandwidth candidates when it
         is far larger than the cache (it is what the kernels read); dtypes: GEMM dtypes to try in
         addition to float32 (the fastest counts)."""
@@ -197,13 +210,17 @@ class Limits:
             # Far larger than any cache: 8x the LLC, at least 256 MiB (the CPU) / 1 GiB (a GPU).
             floor = 1 << 30 if device.type == "cuda" else 1 << 28
             buffer_bytes = max(floor, 8 * (cache_bytes() if device.type == "cpu" else 0))
-        buf = torch.ones(buffer_bytes // 4, dtype=torch.float32, device=device)  # touched: no page faults timed
+        buf = torch.ones(
+            buffer_bytes // 4, dtype=torch.float32, device=device
+        )  # touched: no page faults timed
         mib = buffer_bytes >> 20
         cands: dict[str, tuple[Callable[[], Any], int]] = {
             f"torch.sum(float32 buffer, {mib} MiB)": (lambda: buf.sum(), buf.nbytes),
             f"torch.amax(float32 buffer, {mib} MiB)": (lambda: buf.amax(), buf.nbytes),
         }
-        big = 2 * (cache_bytes() if device.type == "cpu" else torch.cuda.get_device_properties(device).L2_cache_size)
+        big = 2 * (
+            cache_bytes() if device.type == "cpu" else torch.cuda.get_device_properties(device).L2_cache_size
+        )
         if sample is not None and sample.nbytes >= big:
             name = f"torch.sum(x {tuple(sample.shape)} {str(sample.dtype).replace('torch.', '')})"
             cands[name] = (lambda: sample.sum(), sample.nbytes)
@@ -213,7 +230,7 @@ class Limits:
             t = statistics.median(time_once(fn, device) for _ in range(repeats))
             details[f"read: {name}"] = nbytes / t
         read_name = max((k for k in details if k.startswith("read:")), key=details.get)
-        read = cands[read_name[len("read: "):]]
+        read = cands[read_name[len("read: ") :]]
         gemms = {}
         m = 2048 if device.type == "cpu" else 8192
         for dt in dict.fromkeys((torch.float32, *dtypes)):
@@ -226,12 +243,22 @@ class Limits:
             t = statistics.median(time_once(gemms[name][0], device) for _ in range(max(3, repeats // 2)))
             details[f"gemm: {name}"] = 2 * m**3 / t
         gemm_name = max((k for k in details if k.startswith("gemm:")), key=details.get)
-        return cls(details[read_name], read_name[len("read: "):], details[gemm_name], gemm_name[len("gemm: "):],
-                   details, read, gemms[gemm_name[len("gemm: "):]])
+        return cls(
+            details[read_name],
+            read_name[len("read: ") :],
+            details[gemm_name],
+            gemm_name[len("gemm: ") :],
+            details,
+            read,
+            gemms[gemm_name[len("gemm: ") :]],
+        )
 
     def probes(self) -> list[Contender]:
         """The winning read and GEMM as contenders ("limit: read", "limit: gemm") for measure()."""
-        return [Contender("limit: read", lambda r: self._read[0]()), Contender("limit: gemm", lambda r: self._gemm[0]())]
+        return [
+            Contender("limit: read", lambda r: self._read[0]()),
+            Contender("limit: gemm", lambda r: self._gemm[0]()),
+        ]
 
     def update(self, stats: dict) -> None:
         """Take the read bandwidth and GEMM rate from the probes' interleaved medians."""
@@ -296,8 +323,14 @@ def peak_extra_memory(fn: Callable[[], Any], device="cpu") -> int:
 def run_module(module: str, args: list[str], env: dict | None = None, timeout: float = 600) -> str:
     """Run ``python -m module args`` (e.g. a memory probe) from the repository root; its stdout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stderr[-4000:]}")
     return out.stdout

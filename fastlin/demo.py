@@ -18,13 +18,19 @@ TRUE_W, TRUE_B = 3.0, 2.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=1000, help="full-batch SGD epochs (default 1000, as the seed)")
+    p.add_argument(
+        "--epochs", type=int, default=1000, help="full-batch SGD epochs (default 1000, as the seed)"
+    )
     p.add_argument("--n", type=int, default=100, help="samples (default 100, as the seed); 20%% are held out")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the data and the initialisation")
+    p.add_argument(
+        "--seed", type=int, default=0, help="torch.manual_seed for the data and the initialisation"
+    )
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01, as the seed)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--backend", default="auto", help="fastlin backend: auto, cpp, cuda, triton, reference")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each training (median; default 5)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats of each training (median; default 5)"
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -98,9 +104,11 @@ def run(args) -> int:
     backend = fastlin.backends.resolve(None if args.backend == "auto" else args.backend, device)
     x_tr, y_tr, x_te, y_te = make_data(args.n, args.seed, device)
     print(f"fastlin demo: the seed's linear regression, y = {TRUE_W:g}x + {TRUE_B:g} + noise")
-    print(f"data: n={args.n} ({x_tr.shape[0]} train / {x_te.shape[0]} test), seed {args.seed}; "
-          f"{args.epochs} full-batch SGD epochs, lr={args.lr:g}; device {device}, fastlin backend {backend}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"data: n={args.n} ({x_tr.shape[0]} train / {x_te.shape[0]} test), seed {args.seed}; "
+        f"{args.epochs} full-batch SGD epochs, lr={args.lr:g}; device {device}, fastlin backend {backend}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     # Interleaved repeats, each from the same initialisation: drift on a busy machine hits both.
     # The first round also warms up (allocator, thread pools, code), so a repeat beyond 1 is untimed.
@@ -125,15 +133,18 @@ def run(args) -> int:
         ("fastlin fit", f_w, f_b, ev["mse"], ev["r2"], f_pred, tf),
     ]
     print()
-    print(f"{'':<20}{'weight':>9}{'bias':>9}{'test MSE':>10}{'test R^2':>10}{'f(4)':>9}"
-          f"{'train time (median of ' + str(len(t_stock)) + ')':>30}")
+    print(
+        f"{'':<20}{'weight':>9}{'bias':>9}{'test MSE':>10}{'test R^2':>10}{'f(4)':>9}"
+        f"{'train time (median of ' + str(len(t_stock)) + ')':>30}"
+    )
     for name, w, b, mse, r2, p4, t in rows:
         print(f"{name:<20}{w:>9.4f}{b:>9.4f}{mse:>10.4f}{r2:>10.4f}{p4:>9.4f}{_ms(t):>30}")
     diff = max(abs(s_w - f_w), abs(s_b - f_b))
     print()
     print(f"speed-up: {ts / tf:.1f}x (fastlin fit vs the stock loop, same {args.epochs} epochs)")
-    print(f"same model: max |difference| of weight and bias = {diff:.1e}; "
-          f"true f(4) = {TRUE_W * 4 + TRUE_B:g}")
+    print(
+        f"same model: max |difference| of weight and bias = {diff:.1e}; true f(4) = {TRUE_W * 4 + TRUE_B:g}"
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
 from fastlin import _checks as C
@@ -85,9 +86,21 @@ class FusedLinearRegressor(torch.nn.Module):
     ``torch.nn.Linear(in_features, out_features, bias)`` (same RNG draws).
     """
 
-    def __init__(self, in_features: int, out_features: int = 1, bias: bool = True, *, lr: float = 0.01,
-                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        bias: bool = True,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         name = "fastlin.FusedLinearRegressor"
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
@@ -120,7 +133,9 @@ class FusedLinearRegressor(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         if self.weight.dtype not in C.FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, float64, bfloat16 or float16, got {self.weight.dtype}")
+            raise TypeError(
+                f"{name}: dtype must be float32, float64, bfloat16 or float16, got {self.weight.dtype}"
+            )
         # The optimizer state: momentum buffers (written, not read, by the first step).
         if momentum != 0:
             self.register_buffer("weight_momentum", torch.zeros_like(self.weight, requires_grad=False))
@@ -158,8 +173,8 @@ class FusedLinearRegressor(torch.nn.Module):
         self._y_1d = state.get("y_1d")
 
     def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-        s += f"lr={self.lr}"
+        s = f"in_features={self.in_features}, out_features={self.out_features}, "
+        s += f"bias={self.bias is not None}, lr={self.lr}"
         for k, default in (("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0), ("nesterov", False)):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)}"
@@ -175,19 +190,27 @@ class FusedLinearRegressor(torch.nn.Module):
         w = self.weight
         if not isinstance(x, torch.Tensor):
             if not _is_array_like(x):
-                raise TypeError(f"fastlin.FusedLinearRegressor.{method}: x must be a tensor or an array, "
-                                f"got {type(x).__name__}")
+                raise TypeError(
+                    f"fastlin.FusedLinearRegressor.{method}: x must be a tensor or an array, "
+                    f"got {type(x).__name__}"
+                )
             x = torch.as_tensor(x)
         if x.dim() != 2:
             hint = "; for one feature use x.reshape(-1, 1)" if x.dim() == 1 and self.in_features == 1 else ""
-            raise ValueError(f"fastlin.FusedLinearRegressor.{method}: x must be 2-D (N, {self.in_features}) "
-                             f"(in_features={self.in_features}), got shape {C.shape_str(x.shape)}{hint}")
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: x must be 2-D (N, {self.in_features}) "
+                f"(in_features={self.in_features}), got shape {C.shape_str(x.shape)}{hint}"
+            )
         if x.shape[1] != self.in_features:
-            raise ValueError(f"fastlin.FusedLinearRegressor.{method}: x must have shape (N, {self.in_features}) "
-                             f"(in_features={self.in_features}), got {C.shape_str(x.shape)}")
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: x must have shape (N, {self.in_features}) "
+                f"(in_features={self.in_features}), got {C.shape_str(x.shape)}"
+            )
         if x.shape[0] == 0:
-            raise ValueError(f"fastlin.FusedLinearRegressor.{method}: x must have at least one row, "
-                             f"got shape {C.shape_str(x.shape)}")
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: x must have at least one row, "
+                f"got shape {C.shape_str(x.shape)}"
+            )
         want = w.dtype
         if allow_low_precision and x.dtype in C.LOW_PRECISION and want == torch.float32:
             want = x.dtype
@@ -195,12 +218,16 @@ class FusedLinearRegressor(torch.nn.Module):
             x = x.to(device=w.device, dtype=want)
         return x
 
-    def _y(self, method: str, y, x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+    def _y(
+        self, method: str, y, x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, bool]:
         """y (N,) [out_features == 1] or (N, out_features) -> ((N, out_features) tensor like x, was 1-D)."""
         if not isinstance(y, torch.Tensor):
             if not _is_array_like(y):
-                raise TypeError(f"fastlin.FusedLinearRegressor.{method}: y must be a tensor or an array, "
-                                f"got {type(y).__name__}")
+                raise TypeError(
+                    f"fastlin.FusedLinearRegressor.{method}: y must be a tensor or an array, "
+                    f"got {type(y).__name__}"
+                )
             y = torch.as_tensor(y)
         n, O = x.shape[0], self.out_features
         one_d = y.dim() == 1
@@ -208,8 +235,10 @@ class FusedLinearRegressor(torch.nn.Module):
             y = y.reshape(n, 1)
         elif tuple(y.shape) != (n, O):
             want = f"({n},) or ({n}, 1)" if O == 1 else f"({n}, {O})"
-            raise ValueError(f"fastlin.FusedLinearRegressor.{method}: y must have shape {want} (x's {n} rows, "
-                             f"out_features={O}); fastlin never broadcasts y, got {C.shape_str(y.shape)}")
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: y must have shape {want} (x's {n} rows, "
+                f"out_features={O}); fastlin never broadcasts y, got {C.shape_str(y.shape)}"
+            )
         dtype = x.dtype if dtype is None else dtype
         if y.dtype != dtype or y.device != x.device:
             y = y.to(device=x.device, dtype=dtype)
@@ -220,16 +249,24 @@ class FusedLinearRegressor(torch.nn.Module):
             return None
         sw = sample_weight if isinstance(sample_weight, torch.Tensor) else torch.as_tensor(sample_weight)
         if tuple(sw.shape) != (x.shape[0],):
-            raise ValueError(f"fastlin.FusedLinearRegressor.{method}: sample_weight must have shape "
-                             f"({x.shape[0]},) (one weight per row of x), got {C.shape_str(sw.shape)}")
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: sample_weight must have shape "
+                f"({x.shape[0]},) (one weight per row of x), got {C.shape_str(sw.shape)}"
+            )
         want = self.weight.dtype  # the accumulation dtype of the step: no rounding of the weights to bf16
         if sw.dtype != want or sw.device != x.device:
             sw = sw.to(device=x.device, dtype=want)
         return sw
 
     def _opts(self) -> dict:
-        return dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
-                    nesterov=self.nesterov, backend=self.backend)
+        return dict(
+            lr=self.lr,
+            momentum=self.momentum,
+            dampening=self.dampening,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+            backend=self.backend,
+        )
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -239,9 +276,10 @@ class FusedLinearRegressor(torch.nn.Module):
 
     @torch.no_grad()
     def predict(self, x) -> torch.Tensor:
-        """x (N, in_features) tensor or array -> (N,) if the last fit/step saw a 1-D y, else (N, out_features)."""
+        """x (N, in_features) tensor or array -> (N,) if the last fit/step saw a 1-D y, else
+        (N, out_features)."""
         x = self._x("predict", x, allow_low_precision=False)
-        out = F.linear(x, self.weight, self.bias, backend=self.backend)
+        out = ops.linear(x, self.weight, self.bias, backend=self.backend)  # 2-D, no autograd: the op itself
         return out.reshape(-1) if self._y_1d and self.out_features == 1 else out
 
     @torch.no_grad()
@@ -255,10 +293,13 @@ class FusedLinearRegressor(torch.nn.Module):
         """{"mse": mean squared error over all N*O elements, "r2": score(x, y)}, computed in float64."""
         x = self._x("evaluate", x, allow_low_precision=False)
         y, _ = self._y("evaluate", y, x, dtype=torch.float64)
-        pred = F.linear(x, self.weight, self.bias, backend=self.backend).to(torch.float64)
+        pred = ops.linear(x, self.weight, self.bias, backend=self.backend).to(torch.float64)
         sw = self._sample_weight("evaluate", sample_weight, x)
-        w = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device) if sw is None else sw.to(
-            torch.float64).reshape(-1, 1)
+        w = (
+            torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
+            if sw is None
+            else sw.to(torch.float64).reshape(-1, 1)
+        )
         ss_res = (w * (y - pred).square()).sum(0)
         mean = (w * y).sum(0) / w.sum()
         ss_tot = (w * (y - mean).square()).sum(0)
@@ -284,16 +325,35 @@ class FusedLinearRegressor(torch.nn.Module):
         x = self._x("step", x, allow_low_precision=True)
         y, one_d = self._y("step", y, x)
         sw = self._sample_weight("step", sample_weight, x)
-        loss = ops.train_step(x, y, self.weight, self.bias, self.weight_momentum, self.bias_momentum, sw,
-                              first_step=self._first_step, **self._opts())
-        self._first_step = False
-        self._y_1d = one_d
-        self.n_features_in_ = self.in_features
+        loss = ops.train_step(
+            x,
+            y,
+            self.weight,
+            self.bias,
+            self.weight_momentum,
+            self.bias_momentum,
+            sw,
+            first_step=self._first_step,
+            **self._opts(),
+        )
+        # Plain attributes through __dict__: nn.Module.__setattr__ costs ~2 us each, more than the
+        # whole op on the seed's data.
+        self.__dict__.update(_first_step=False, _y_1d=one_d, n_features_in_=self.in_features)
         return loss
 
     @torch.no_grad()
-    def fit(self, x, y, *, epochs: int = 1000, batch_size: int | None = None, shuffle: bool = True,
-            seed: int | None = None, sample_weight=None, progress: bool | None = None) -> FusedLinearRegressor:
+    def fit(
+        self,
+        x,
+        y,
+        *,
+        epochs: int = 1000,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int | None = None,
+        sample_weight=None,
+        progress: bool | None = None,
+    ) -> FusedLinearRegressor:
         """Train for ``epochs`` passes over x (N, in_features) against y (N,) or (N, out_features).
 
         batch_size: None (or >= N) for full-batch steps, else mini-batches of that many rows (the
@@ -313,8 +373,9 @@ class FusedLinearRegressor(torch.nn.Module):
         name = "fastlin.FusedLinearRegressor.fit"
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"{name}: epochs must be an int >= 0, got {epochs!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
             raise ValueError(f"{name}: batch_size must be None or an int >= 1, got {batch_size!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"{name}: seed must be None or an int, got {type(seed).__name__}")
@@ -329,10 +390,12 @@ class FusedLinearRegressor(torch.nn.Module):
         run_seed = (seed & _MASK63) if shuffled else 0
         args = (x, y, self.weight, self.bias, self.weight_momentum, self.bias_momentum, sw)
         opts = self._opts()
-        # What a step that fails before any update leaves the momentum state as: only a fit that
-        # starts with first_step and fails at epoch 0 needs to know whether any step was applied.
-        snapshot = self.weight.clone() if self._first_step and self.momentum != 0 and bs != 0 else None
-
+        # Only a fit that starts with first_step (momentum buffers not yet live) and stops in its
+        # first epoch needs to know whether any of its steps was applied: compare the parameters
+        # (a step that changes neither, an exactly zero update, counts as not applied).
+        snapshot = None
+        if self._first_step and self.momentum != 0 and bs != 0:
+            snapshot = [p.clone() for p in (self.weight, self.bias) if p is not None]
         steps_per_epoch = 1 if bs == 0 else -(-n // bs)
         block = fit_block_epochs(n, self.in_features) if shuffled else None
         parts: list[torch.Tensor] = []
@@ -353,18 +416,29 @@ class FusedLinearRegressor(torch.nn.Module):
             else:
                 calls = [(k, 0)]
             for n_ep, s in calls:
-                h = ops.fit(*args, epochs=n_ep, batch_size=bs, shuffle=shuffled, seed=s,
-                            first_step=self._first_step, **opts).cpu()
+                h = ops.fit(
+                    *args,
+                    epochs=n_ep,
+                    batch_size=bs,
+                    shuffle=shuffled,
+                    seed=s,
+                    first_step=self.__dict__["_first_step"],
+                    **opts,
+                ).cpu()
                 parts.append(h)
-                bad = torch.isnan(h)
-                if bool(bad.any()):
-                    first_bad = int(bad.to(torch.uint8).argmax())
+                # The op fills the failing epoch and all later ones with NaN: the last entry tells.
+                hn = h.numpy()
+                if math.isnan(hn[-1]):
+                    first_bad = int(np.argmax(np.isnan(hn)))
                     failed_at = done + first_bad
-                    if first_bad > 0 or (snapshot is not None and not torch.equal(snapshot, self.weight)):
-                        self._first_step = False
+                    params = [p for p in (self.weight, self.bias) if p is not None]
+                    if first_bad > 0 or (
+                        snapshot is not None and not all(map(torch.equal, snapshot, params))
+                    ):
+                        self.__dict__["_first_step"] = False
                     done += n_ep
                     return False
-                self._first_step = self._first_step and n_ep == 0
+                self.__dict__["_first_step"] = False
                 done += n_ep
             return True
 
@@ -401,17 +475,24 @@ class FusedLinearRegressor(torch.nn.Module):
             if bar is not None:
                 bar.close()
 
-        hist = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64 if x.dtype == torch.float64
-                                                          else torch.float32)
-        self.n_features_in_ = self.in_features
-        self._y_1d = one_d
-        self.seed_ = seed if shuffled else None
+        if len(parts) == 1:
+            hist = parts[0]
+        else:
+            hist = (
+                torch.cat(parts)
+                if parts
+                else torch.empty(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            )
+        n_iter = epochs if failed_at is None else failed_at
+        self.__dict__.update(
+            n_features_in_=self.in_features,
+            _y_1d=one_d,
+            seed_=seed if shuffled else None,
+            loss_history_=hist[:n_iter] if failed_at is not None else hist,
+            n_iter_=n_iter,
+        )
         if failed_at is not None:
-            self.loss_history_ = hist[:failed_at]
-            self.n_iter_ = failed_at
             raise _non_finite_error(failed_at, epochs, x, y, sw, self)
-        self.loss_history_ = hist
-        self.n_iter_ = epochs
         return self
 
 
@@ -441,7 +522,9 @@ def _non_finite_error(epoch: int, epochs: int, x, y, sw, model) -> FloatingPoint
         row = _first_non_finite_row(t)
         if row is not None:
             culprits.append((name, row))
-    msg = f"fastlin.FusedLinearRegressor.fit: non-finite loss or update at epoch {epoch} (0-based, of {epochs})"
+    msg = (
+        f"fastlin.FusedLinearRegressor.fit: non-finite loss or update at epoch {epoch} (0-based, of {epochs})"
+    )
     if culprits:
         msg += "; first non-finite rows: " + ", ".join(f"{n}[{r}]" for n, r in culprits)
         msg += ". Remove or impute them"

@@ -5,7 +5,6 @@ import copy
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_rel_close
@@ -149,8 +148,12 @@ def test_seed_loop_parity(backend_device):
     assert reg.n_iter_ == 1000 and reg.n_features_in_ == 1
 
 
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
-@pytest.mark.parametrize("n,d,o,bias", [(7, 3, 17, True), (4097, 257, 3, True), (1, 1, 1, False), (33, 3, 1, True)])
+@pytest.mark.parametrize(
+    "opts", SGD_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain"
+)
+@pytest.mark.parametrize(
+    "n,d,o,bias", [(7, 3, 17, True), (4097, 257, 3, True), (1, 1, 1, False), (33, 3, 1, True)]
+)
 def test_step_and_fit_match_torch_sgd(backend_device, opts, n, d, o, bias):
     backend, device = backend_device
     x, y = _data(n, d, o, device, dtype=torch.float64)
@@ -158,11 +161,15 @@ def test_step_and_fit_match_torch_sgd(backend_device, opts, n, d, o, bias):
     m, opt = _stock(d, o, bias, 7, device, torch.float64, lr=lr, **opts)
     _stock_steps(m, opt, x, y, 6)
     torch.manual_seed(7)
-    reg_step = FusedLinearRegressor(d, o, bias=bias, lr=lr, backend=backend, device=device, dtype=torch.float64, **opts)
+    reg_step = FusedLinearRegressor(
+        d, o, bias=bias, lr=lr, backend=backend, device=device, dtype=torch.float64, **opts
+    )
     losses = [reg_step.step(x, y) for _ in range(6)]
     assert losses[0].shape == () and losses[0].dtype == torch.float64
     torch.manual_seed(7)
-    reg_fit = FusedLinearRegressor(d, o, bias=bias, lr=lr, backend=backend, device=device, dtype=torch.float64, **opts)
+    reg_fit = FusedLinearRegressor(
+        d, o, bias=bias, lr=lr, backend=backend, device=device, dtype=torch.float64, **opts
+    )
     reg_fit.fit(x, y, epochs=6)
     for reg in (reg_step, reg_fit):
         assert_rel_close(reg.weight, m.weight, torch.float64, what="weight")
@@ -217,10 +224,22 @@ def _replay_minibatch(reg, x, y, epochs, bs, seed, shuffle=True):
         total = 0.0
         for start in range(0, n, bs):
             rows = order[start : start + bs]
-            loss = ops.train_step(x[rows], y[rows], reg.weight.data, reg.bias.data, reg.weight_momentum,
-                                  reg.bias_momentum, None, lr=reg.lr, momentum=reg.momentum,
-                                  dampening=reg.dampening, weight_decay=reg.weight_decay, nesterov=reg.nesterov,
-                                  first_step=first, backend=reg.backend)
+            loss = ops.train_step(
+                x[rows],
+                y[rows],
+                reg.weight.data,
+                reg.bias.data,
+                reg.weight_momentum,
+                reg.bias_momentum,
+                None,
+                lr=reg.lr,
+                momentum=reg.momentum,
+                dampening=reg.dampening,
+                weight_decay=reg.weight_decay,
+                nesterov=reg.nesterov,
+                first_step=first,
+                backend=reg.backend,
+            )
             first = False
             total += float(loss) * rows.numel()
         losses.append(total / n)
@@ -246,7 +265,9 @@ def test_minibatch_fit_equals_train_steps_in_the_same_order(backend_device, shuf
 
 
 @pytest.mark.parametrize("batch_size,shuffle", [(None, True), (100, True), (100, False)])
-def test_chunked_progress_fit_is_identical_to_one_call(backend_device, monkeypatch, capsys, batch_size, shuffle):
+def test_chunked_progress_fit_is_identical_to_one_call(
+    backend_device, monkeypatch, capsys, batch_size, shuffle
+):
     backend, device = backend_device
     x, y = _data(1024, 256, 3, device)  # shuffled block: 4 epochs per op call
     torch.manual_seed(2)
@@ -332,8 +353,11 @@ def test_y_shape_mismatch_raises_and_changes_nothing(o, y_shape, match):
     reg = FusedLinearRegressor(2, o, momentum=0.9)
     reg.fit(x, torch.zeros(30, o), epochs=2)
     before = _state(reg)
-    for call in (lambda: reg.fit(x, torch.zeros(y_shape), epochs=2), lambda: reg.step(x, torch.zeros(y_shape)),
-                 lambda: reg.score(x, torch.zeros(y_shape))):
+    for call in (
+        lambda: reg.fit(x, torch.zeros(y_shape), epochs=2),
+        lambda: reg.step(x, torch.zeros(y_shape)),
+        lambda: reg.score(x, torch.zeros(y_shape)),
+    ):
         with pytest.raises(ValueError, match=match):
             call()
     _assert_state_equal(before, _state(reg))
@@ -351,7 +375,11 @@ def test_bad_inputs_leave_parameters_and_momentum_unchanged():
         (lambda: reg.fit(x, y, epochs=2.5), ValueError, "epochs must be an int"),
         (lambda: reg.fit(x, y, batch_size=0), ValueError, "batch_size must be None or an int >= 1"),
         (lambda: reg.fit(x, y, seed="a"), TypeError, "seed must be None or an int"),
-        (lambda: reg.fit(x, y, sample_weight=torch.ones(19)), ValueError, r"sample_weight must have shape \(20,\)"),
+        (
+            lambda: reg.fit(x, y, sample_weight=torch.ones(19)),
+            ValueError,
+            r"sample_weight must have shape \(20,\)",
+        ),
         (lambda: reg.fit("abc", y), TypeError, "x must be a tensor or an array"),
         (lambda: reg.step(x[:0], y[:0]), ValueError, "at least one row"),
         (lambda: reg.step(x, y[:19]), ValueError, "y must have shape"),
@@ -427,7 +455,9 @@ def test_score_constant_target_like_sklearn():
 # state
 
 
-@pytest.mark.parametrize("opts", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.5, "dampening": 0.5}, {}])
+@pytest.mark.parametrize(
+    "opts", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.5, "dampening": 0.5}, {}]
+)
 def test_state_dict_round_trip_mid_training_continues_identically(backend_device, opts):
     backend, device = backend_device
     x, y = _data(256, 5, 2, device)
@@ -448,7 +478,9 @@ def test_state_dict_round_trip_mid_training_continues_identically(backend_device
     b.step(x, y)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     if opts:
-        assert torch.equal(a.weight_momentum, b.weight_momentum) and torch.equal(a.bias_momentum, b.bias_momentum)
+        assert torch.equal(a.weight_momentum, b.weight_momentum) and torch.equal(
+            a.bias_momentum, b.bias_momentum
+        )
         assert set(a.state_dict()) == {"weight", "bias", "weight_momentum", "bias_momentum", "_extra_state"}
     else:
         assert set(a.state_dict()) == {"weight", "bias", "_extra_state"}

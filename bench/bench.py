@@ -424,6 +424,10 @@ def chart(results: list[dict], path: str) -> str | None:
     return None
 
 
+def _load(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
 def results_md(results, info, command, started, elapsed, tables, chart_name) -> str:
     lines = [
         "# fastlin benchmark results",
@@ -434,7 +438,8 @@ def results_md(results, info, command, started, elapsed, tables, chart_name) -> 
         f"LLC {fmt_bytes(info['llc_bytes'])}" + (f", GPU {info['gpu']}" if "gpu" in info else ""),
         f"- torch {info['torch']}, python {info['python']}, fastlin backend `{info['backend']}`",
         "- the machine is shared with other jobs: read the ratios (one run, interleaved rounds), "
-        "not the absolute times",
+        f"not the absolute times; 1-minute load average {_load(info.get('load_average'))} at the start, "
+        f"{_load(info.get('load_average_end'))} at the end, on {info['logical_cpus']} CPUs",
         "",
         "Medians of interleaved rounds; each run does the case's steps and continues training. "
         "speed-up = stock eager / contender; x limit = contender / limit, the limit being one read of x "
@@ -523,6 +528,7 @@ def main(argv=None) -> int:
     print(summary_table(results))
 
     os.makedirs(args.out, exist_ok=True)
+    info["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     elapsed = (datetime.datetime.now() - t0).total_seconds()
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(

@@ -159,16 +159,17 @@ def cache_bytes() -> int:
     return best or 32 * 1024**2
 
 
-def rotation_count(nbytes: int, device="cpu") -> int:
+def rotation_count(nbytes: int, device="cpu", max_copies: int = 8) -> int:
     """How many copies of an input of nbytes to rotate between so that consecutive runs do not find
-    it in the last-level cache: total past 2x the cache, at most 8 (1 for inputs already bigger)."""
+    it in the last-level cache: enough to pass 2x the cache, at most max_copies. 1 when the input
+    alone is already that big, and 1 when even max_copies could not evict it (such an input is
+    cache-resident in real use too, like the seed's 400-byte x)."""
     if torch.device(device).type == "cuda":
         llc = torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
     else:
         llc = cache_bytes()
-    if nbytes <= 0 or nbytes >= 2 * llc:
-        return 1
-    return min(8, -(-2 * llc // nbytes))
+    need = -(-2 * llc // max(1, nbytes))
+    return 1 if need <= 1 or need > max_copies else need
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +383,8 @@ def machine_info(device="cpu") -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "llc_bytes": cache_bytes(),
+        # Other jobs on a shared machine: the 1-minute load average vs the CPUs tells how contended it was.
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

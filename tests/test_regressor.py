@@ -296,6 +296,18 @@ def test_progress_default_off_for_small_fits(monkeypatch):
     assert calls == [1000], "a small fit is one op call"
 
 
+def test_progress_default_on_when_estimated_long(monkeypatch, capsys):
+    """progress=None times a first chunk and shows the bar when the rest is estimated > the threshold."""
+    monkeypatch.setattr(R, "_SMALL_FIT_WORK", 1)
+    monkeypatch.setattr(R, "_PROGRESS_SECONDS", 0.0)
+    x, y = _seed_data()
+    reg = FusedLinearRegressor(1).fit(x, y, epochs=50)
+    assert "fastlin fit" in capsys.readouterr().err and reg.loss_history_.shape == (50,)
+    monkeypatch.setattr(R, "_PROGRESS_SECONDS", 1e9)
+    FusedLinearRegressor(1).fit(x, y, epochs=50)
+    assert "fastlin fit" not in capsys.readouterr().err
+
+
 def test_seed_none_follows_torch_manual_seed():
     x, y = _data(64, 3, 1)
     regs = []

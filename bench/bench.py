@@ -385,6 +385,7 @@ def chart(results: list[dict], path: str) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -411,6 +412,9 @@ def chart(results: list[dict], path: str) -> str | None:
         ax.set_yscale("log")
         ax.set_xticks(range(len(results)))
         ax.set_xticklabels(labels, fontsize=8)
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if kind == "speed-up":
             ax.set_ylabel("stock eager median / contender median")
             ax.set_title("speed-up over stock PyTorch (higher is better)")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from torch.optim import optimizer as _topt
+
 from fastlin import _checks as C
 from fastlin import ops
+
+_profiler_enabled = torch._C._autograd._profiler_enabled
 
 __all__ = ["SGD"]
 
@@ -37,47 +41,83 @@ class SGD(torch.optim.SGD):
                          foreach=foreach, differentiable=False, fused=fused)
         self.backend = backend
 
-    @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (closure: re-evaluates the model, returns the loss)."""
+        # torch wraps an Optimizer's step in profile_hook_step (record_function + hook loops,
+        # ~3 us a call); `hooked = True` below opts out of that, and the wrapped version runs
+        # only when a hook is registered or the profiler is on, so hooks and traces are unchanged.
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _topt._global_optimizer_pre_hooks
+                or _topt._global_optimizer_post_hooks or _profiler_enabled()):
+            return self._hooked_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  (see step: torch must not wrap it again)
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            momentum = group["momentum"]
-            opts = dict(
-                lr=_scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
-                weight_decay=_scalar(group["weight_decay"]), nesterov=group["nesterov"],
-                maximize=group["maximize"], backend=self.backend,
-            )
-            # One call per (device, first_step) subset: the op updates a list on one device, and
-            # parameters without a momentum buffer yet start theirs from their gradient.
-            subsets: dict[tuple, tuple[list, list, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD")
-                buf = None
-                first = False
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        first = True
-                        buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                ps, gs, bs = subsets.setdefault((p.device, first), ([], [], []))
-                ps.append(p)
-                gs.append(p.grad)
-                if buf is not None:
-                    bs.append(buf)
-            if len(subsets) > 1:  # check every call before the first one writes anything
-                for ps, gs, bs in subsets.values():
-                    C.check_sgd_update_args("sgd_update_", ps, gs, bs, momentum)
-            for (_, first), (ps, gs, bs) in subsets.items():
-                ops.sgd_update_(ps, gs, bs, first_step=first, **opts)
-                if momentum != 0:  # only after a successful update: a failed check leaves state as it was
-                    for p, b in zip(ps, bs):
-                        self.state[p]["momentum_buffer"] = b
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for group in self.param_groups:
+                self._update_group(group)
+        finally:
+            torch._C._set_grad_enabled(prev)
         return loss
+
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def _update_group(self, group) -> None:
+        momentum = group["momentum"]
+        # One call per (device, first_step) subset: the op updates a list on one device, and
+        # parameters without a momentum buffer yet start theirs from their gradient.
+        subsets: dict[tuple, tuple[list, list, list]] = {}
+        state = self.state
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD")
+            buf = None
+            first = False
+            if momentum != 0:
+                buf = state[p].get("momentum_buffer")
+                if buf is None:
+                    first = True
+                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            key = (p.device, first)
+            sub = subsets.get(key)
+            if sub is None:
+                sub = subsets[key] = ([], [], [])
+            sub[0].append(p)
+            sub[1].append(grad)
+            if buf is not None:
+                sub[2].append(buf)
+        if not subsets:
+            return
+        if len(subsets) > 1:  # check every call before the first one writes anything
+            for ps, gs, bs in subsets.values():
+                C.check_sgd_update_args("sgd_update_", ps, gs, bs, momentum)
+        lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
+        dampening, nesterov, maximize = float(group["dampening"]), bool(group["nesterov"]), bool(group["maximize"])
+        for (device, first), (ps, gs, bs) in subsets.items():
+            if ops.is_native(self.backend, device):  # the registered op directly: no wrapper, no list copies
+                ops.native_sgd_update_(ps, gs, bs, lr, float(momentum), dampening, wd, nesterov, maximize, first)
+            else:
+                ops.sgd_update_(ps, gs, bs, lr, momentum, dampening, wd, nesterov, maximize, first,
+                                backend=self.backend)
+            if momentum != 0:  # only after a successful update: a failed check leaves state as it was
+                for p, b in zip(ps, bs):
+                    state[p]["momentum_buffer"] = b
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (torch.optim.Optimizer.zero_grad; same semantics)."""
+        if set_to_none and not _profiler_enabled():  # torch's loop without its record_function (~2 us)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
+        super().zero_grad(set_to_none)

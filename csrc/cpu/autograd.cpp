@@ -1,6 +1,6 @@
 // Autograd kernels (dispatch key Autograd, so for every device) of fastlin::linear and
-// fastlin::mse_loss: C++ torch::autograd::Functions whose backward calls fastlin::linear_backward
-// and fastlin::mse_loss_backward through the dispatcher.
+// fastlin::mse_loss: C++ graph nodes whose backward calls fastlin::linear_backward and
+// fastlin::mse_loss_backward through the dispatcher.
 //
 // Why in C++: fastlin.nn.Linear / MSELoss on the native backends call these ops directly
 // (fastlin/functional.py). A Python torch.autograd.Function costs ~10 us per forward and again
@@ -11,17 +11,16 @@
 // computed, and a masked-off input reaches linear_backward as a zero-storage stand-in.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
-
-#include <string>
 
 #include "checks.h"
 
 namespace fastlin {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
@@ -53,62 +52,111 @@ const c10::TypedOperatorHandle<MseBwdSig>& mse_backward_op() {
 
 // A tensor with the given shape and g's dtype/device but one element of storage: what
 // linear_backward gets for an input whose gradient is masked off (it never reads it).
-at::Tensor stand_in(const at::Tensor& g, at::IntArrayRef shape) { return at::empty({}, g.options()).expand(shape); }
+at::Tensor stand_in(const at::Tensor& g, int64_t rows, int64_t cols) {
+  return at::empty({}, g.options()).expand({rows, cols});
+}
 
-struct LinearFn : public torch::autograd::Function<LinearFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor y = linear_op().call(input, weight, bias);
-    // grad_input needs weight, grad_weight needs input: keep only those alive.
-    const bool need_w = weight.requires_grad(), need_x = input.requires_grad();
-    ctx->save_for_backward({need_w ? input : at::Tensor(), need_x ? weight : at::Tensor()});
-    if (!need_w) ctx->saved_data["x_shape"] = input.sizes();
-    if (!need_x) ctx->saved_data["w_shape"] = weight.sizes();
-    ctx->saved_data["has_bias"] = has(bias);
-    return y;
+// Hand-written graph nodes (what PyTorch's generated VariableType code does) rather than
+// torch::autograd::Function: Function::apply allocates input/output metadata, a context map and
+// view bookkeeping per call (1.6 us of a 3.2 us forward, measured); these record only the edges
+// and the saved tensors.
+struct LinearBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x_, w_;
+  int64_t d_ = 0;  // in_features (for stand-ins when neither tensor is saved)
+  bool x_saved_ = false, w_saved_ = false;
+
+  std::string name() const override { return "fastlin::LinearBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x_.reset_data();
+    w_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor& g = grads[0];
-    at::Tensor x = saved[0].defined() ? saved[0] : stand_in(g, ctx->saved_data["x_shape"].toIntVector());
-    at::Tensor w = saved[1].defined() ? saved[1] : stand_in(g, ctx->saved_data["w_shape"].toIntVector());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
+    const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                   task_should_compute_output(2)};
+    variable_list out(3);
+    if (!g.defined() || !(mask[0] || mask[1] || mask[2])) return out;
+    // grad_input reads weight, grad_weight reads input: the other may be a stand-in.
+    at::Tensor x = x_saved_ ? x_.unpack() : stand_in(g, g.size(0), d_);
+    at::Tensor w = w_saved_ ? w_.unpack() : stand_in(g, g.size(1), d_);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [gi, gw, gb] = linear_backward_op().call(g, x, w, mask);
-    return {mask[0] ? gi : at::Tensor(), mask[1] ? gw : at::Tensor(), mask[2] ? gb : at::Tensor()};
+    if (mask[0]) out[0] = std::move(gi);
+    if (mask[1]) out[1] = std::move(gw);
+    if (mask[2]) out[2] = std::move(gb);
+    return out;
   }
 };
 
-struct MseFn : public torch::autograd::Function<MseFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                            c10::string_view reduction) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor loss = mse_op().call(input, target, reduction);
-    ctx->save_for_backward({input, target});
-    ctx->saved_data["reduction"] = std::string(reduction);
-    return loss;
+constexpr const char* kReductions[3] = {"none", "mean", "sum"};
+
+struct MseLossBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable input_, target_;
+  int reduction_ = 1;  // index into kReductions
+
+  std::string name() const override { return "fastlin::MseLossBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    target_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
-    const bool need_input = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(2);
+    const bool need_input = task_should_compute_output(0), need_target = task_should_compute_output(1);
+    if (!grads[0].defined() || !(need_input || need_target)) return out;
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor g = mse_backward_op().call(grads[0], saved[0], saved[1], reduction);
-    return {need_input ? g : at::Tensor(), need_target ? g.neg() : at::Tensor(), at::Tensor()};
+    at::Tensor g = mse_backward_op().call(grads[0], input_.unpack(), target_.unpack(), kReductions[reduction_]);
+    if (need_target) out[1] = g.neg();
+    if (need_input) out[0] = std::move(g);
+    return out;
   }
 };
 
 at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  return LinearFn::apply(input, weight, bias);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    y = linear_op().call(input, weight, bias);
+  }
+  if (!torch::autograd::compute_requires_grad(input, weight, bias)) return y;
+  auto node = c10::make_intrusive<LinearBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+  // grad_weight needs input, grad_input needs weight. A leaf (data, a parameter) is saved
+  // whenever it exists anyway (no memory kept alive, no stand-in to build); a non-leaf only
+  // when its gradient partner needs it, like fastlin/autograd.py.
+  const bool need_x = input.requires_grad(), need_w = weight.requires_grad();
+  node->d_ = input.size(1);
+  if (need_w || input.is_leaf()) {
+    node->x_ = torch::autograd::SavedVariable(input, /*is_output=*/false);
+    node->x_saved_ = true;
+  }
+  if (need_x || weight.is_leaf()) {
+    node->w_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
+    node->w_saved_ = true;
+  }
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
 at::Tensor mse_loss_autograd(const at::Tensor& input, const at::Tensor& target, c10::string_view reduction) {
-  return MseFn::apply(input, target, reduction);
+  at::Tensor loss;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    loss = mse_op().call(input, target, reduction);  // checks `reduction`
+  }
+  if (!torch::autograd::compute_requires_grad(input, target)) return loss;
+  auto node = c10::make_intrusive<MseLossBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+  node->reduction_ = reduction == "none" ? 0 : reduction == "mean" ? 1 : 2;
+  node->input_ = torch::autograd::SavedVariable(input, /*is_output=*/false);
+  node->target_ = torch::autograd::SavedVariable(target, /*is_output=*/false);
+  torch::autograd::set_history(loss, node);
+  return loss;
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/kernels/linear.h"  // FmtIndex
 
@@ -42,5 +44,28 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   return t.contiguous();
 }
 inline int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
+
+// A zero-filled scratch buffer of n elements: on the stack up to N, else on the heap (small
+// calls, e.g. the seed's N = 100 step, then make no allocation for packing).
+template <typename T, size_t N = 256>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    if (n <= N) {
+      p_ = stack_;
+      std::fill(stack_, stack_ + n, T(0));
+    } else {
+      heap_.assign(n, T(0));
+      p_ = heap_.data();
+    }
+  }
+  T* data() { return p_; }
+  T& operator[](size_t i) { return p_[i]; }
+
+ private:
+  T stack_[N];
+  std::vector<T> heap_;
+  T* p_;
+};
 
 }  // namespace fastlin::cpu

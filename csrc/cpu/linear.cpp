@@ -28,25 +28,27 @@ using cpu::TnArgs;
 // outgrows L2 (1 MB / core here). Measured crossover in the report.
 bool use_aten_gemm(int64_t inner, int64_t out) { return inner >= 128 && out >= 128 && inner * out >= (1 << 16); }
 
-// B(o, i) = transposed ? src[i, o] : src[o, i], packed in Acc for the chosen form (linear.h).
+// Size of the packed B for the chosen form (linear.h).
+inline int64_t packed_size(int form, int64_t out, int64_t inner, int64_t ldb) {
+  return form == cpu::kNtDot ? out * ldb : form == cpu::kNtAxpy ? inner * ldb : ldb;
+}
+
+// B(o, i) = transposed ? src[i, o] : src[o, i], packed in Acc for the chosen form (linear.h)
+// into the zero-filled buf.
 template <typename scalar_t, typename Acc>
-void pack_b(const at::Tensor& src, bool transposed, int form, int64_t out, int64_t inner, int64_t ldb,
-            std::vector<Acc>& buf) {
+void pack_b(const at::Tensor& src, bool transposed, int form, int64_t out, int64_t inner, int64_t ldb, Acc* buf) {
   const scalar_t* s = src.data_ptr<scalar_t>();
   const int64_t s0 = src.stride(0), s1 = src.stride(1);
   auto at2 = [&](int64_t o, int64_t i) -> Acc {
     return static_cast<Acc>(transposed ? s[i * s0 + o * s1] : s[o * s0 + i * s1]);
   };
   if (form == cpu::kNtDot) {
-    buf.assign(static_cast<size_t>(out * ldb), Acc(0));
     for (int64_t o = 0; o < out; ++o)
       for (int64_t i = 0; i < inner; ++i) buf[o * ldb + i] = at2(o, i);
   } else if (form == cpu::kNtAxpy) {
-    buf.assign(static_cast<size_t>(inner * ldb), Acc(0));
     for (int64_t i = 0; i < inner; ++i)
       for (int64_t o = 0; o < out; ++o) buf[i * ldb + o] = at2(o, i);
   } else {
-    buf.assign(static_cast<size_t>(ldb), Acc(0));
     for (int64_t o = 0; o < out; ++o) buf[o] = at2(o, 0);
   }
 }
@@ -59,16 +61,17 @@ void nt_run(const at::Tensor& a_in, const at::Tensor& src, bool transposed, cons
   const int64_t W = cpu::acc_lanes(y.scalar_type());
   const int form = inner == 1 ? cpu::kNtOuter : out >= W ? cpu::kNtAxpy : cpu::kNtDot;
   const int64_t ldb = form == cpu::kNtDot ? cpu::round_up(inner, W) : cpu::round_up(out, W);
-  std::vector<Acc> b, bb;
-  pack_b<scalar_t, Acc>(src, transposed, form, out, inner, ldb, b);
-  if (has(bias)) {
+  cpu::Scratch<Acc> b(static_cast<size_t>(packed_size(form, out, inner, ldb)));
+  pack_b<scalar_t, Acc>(src, transposed, form, out, inner, ldb, b.data());
+  const bool with_bias = has(bias);
+  cpu::Scratch<Acc, 64> bb(with_bias ? static_cast<size_t>(cpu::round_up(out, W)) : 0);
+  if (with_bias) {
     const scalar_t* bp = bias->data_ptr<scalar_t>();
     const int64_t bs = bias->stride(0);
-    bb.assign(static_cast<size_t>(cpu::round_up(out, W)), Acc(0));
     for (int64_t o = 0; o < out; ++o) bb[o] = static_cast<Acc>(bp[o * bs]);
   }
   const at::Tensor a = cpu::as_rows(a_in);
-  NtArgs args{a.data_ptr(), cpu::row_stride(a), b.data(), ldb, bb.empty() ? nullptr : bb.data(),
+  NtArgs args{a.data_ptr(), cpu::row_stride(a), b.data(), ldb, with_bias ? bb.data() : nullptr,
               y.data_ptr(),  out,                rows,     inner, out};
   const auto kernel = cpu::linear_kernels().nt[form][cpu::fmt_index(y.scalar_type())];
   const int nt = cpu::threads_for(static_cast<double>(rows) * (inner * out + inner + out));
@@ -136,7 +139,7 @@ void grad_weight_bias(const at::Tensor& g_in, const at::Tensor* x_in, at::Tensor
   P = P < 1 ? 1 : P > kMaxParts ? kMaxParts : P;
   const int64_t rows_per = (N + P - 1) / P;
   P = N == 0 ? 1 : (N + rows_per - 1) / rows_per;
-  std::vector<Acc> parts(static_cast<size_t>(P * M), Acc(0));
+  cpu::Scratch<Acc> parts(static_cast<size_t>(P * M));
   const size_t esz = g.element_size();
   const char* gbase = static_cast<const char*>(g.data_ptr());
   const char* xbase = x_in ? static_cast<const char*>(x.data_ptr()) : nullptr;

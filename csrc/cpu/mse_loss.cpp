@@ -30,53 +30,56 @@ void check_mse_args(const char* op, const at::Tensor& input, const at::Tensor& t
 // Operands as `rows` rows of `cols` elements (base + r * ld): one flat row when every operand is
 // contiguous; rows of a 2-D tensor with unit column stride (a row stride, or stride 0 for an
 // expanded dimension) when that avoids a copy and rows are long enough to vectorise; else one
-// contiguous copy of the operands that need it.
+// contiguous copy of the operands that need it. (Fixed arrays: no allocation for small calls.)
 struct Layout {
   int64_t rows = 1, cols = 0;
-  std::vector<at::Tensor> t;  // the operands as used (kept alive)
-  std::vector<int64_t> ld;
+  int n = 0;
+  at::Tensor t[3];  // the operands as used (kept alive)
+  int64_t ld[3] = {0, 0, 0};
 };
 
-Layout layout(std::initializer_list<at::Tensor> ops) {
+Layout layout(const at::Tensor& a, const at::Tensor& b, const at::Tensor* c = nullptr) {
   Layout L;
-  const at::Tensor& first = *ops.begin();
-  bool all_contig = true, rowable = first.dim() == 2 && first.size(1) >= 64;
-  for (const auto& t : ops) {
-    all_contig = all_contig && t.is_contiguous();
-    rowable = rowable && t.stride(1) == 1;
+  const at::Tensor* ops[3] = {&a, &b, c};
+  L.n = c ? 3 : 2;
+  bool all_contig = true, rowable = a.dim() == 2 && a.size(1) >= 64;
+  for (int i = 0; i < L.n; ++i) {
+    all_contig = all_contig && ops[i]->is_contiguous();
+    rowable = rowable && ops[i]->stride(1) == 1;
   }
   if (!all_contig && rowable) {
-    L.rows = first.size(0);
-    L.cols = first.size(1);
-    for (const auto& t : ops) {
-      L.t.push_back(t);
-      L.ld.push_back(t.stride(0));
+    L.rows = a.size(0);
+    L.cols = a.size(1);
+    for (int i = 0; i < L.n; ++i) {
+      L.t[i] = *ops[i];
+      L.ld[i] = ops[i]->stride(0);
     }
     return L;
   }
-  L.cols = first.numel();
-  for (const auto& t : ops) {
-    L.t.push_back(t.is_contiguous() ? t : t.contiguous());
-    L.ld.push_back(0);
-  }
+  L.cols = a.numel();
+  for (int i = 0; i < L.n; ++i) L.t[i] = ops[i]->is_contiguous() ? *ops[i] : ops[i]->contiguous();
   return L;
 }
 
-// Work items: (row, column start, length) spans of at most kChunk elements, in a fixed order.
+// Work items: spans (row, column start, length) of at most kChunk elements, numbered in a fixed
+// order (row-major), independent of the thread count.
 struct Span {
   int64_t row, col, len;
 };
-std::vector<Span> spans(const Layout& L) {
-  std::vector<Span> s;
-  for (int64_t r = 0; r < L.rows; ++r)
-    for (int64_t c = 0; c < L.cols; c += kChunk) s.push_back({r, c, std::min(kChunk, L.cols - c)});
-  return s;
-}
+struct Spans {
+  int64_t per_row, count, cols;
+  explicit Spans(const Layout& L)
+      : per_row((L.cols + kChunk - 1) / kChunk), count(L.rows * ((L.cols + kChunk - 1) / kChunk)), cols(L.cols) {}
+  Span operator[](int64_t i) const {
+    const int64_t r = i / per_row, c = (i % per_row) * kChunk;
+    return {r, c, std::min(kChunk, cols - c)};
+  }
+};
 
 template <typename F>
-void for_spans(const std::vector<Span>& s, int64_t numel, F&& f) {
+void for_spans(const Spans& s, int64_t numel, F&& f) {
   const int nt = cpu::threads_for(4.0 * static_cast<double>(numel));
-  const int64_t n = static_cast<int64_t>(s.size());
+  const int64_t n = s.count;
   if (nt <= 1 || n < 2) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
@@ -116,12 +119,12 @@ at::Tensor mse_loss_cpu(const at::Tensor& input, const at::Tensor& target, c10::
   if (reduction == "none") {
     auto out = at::empty(input.sizes(), input.options());
     if (n == 0) return out;
-    const Layout L = layout({input, target});
-    const auto s = spans(L);
+    const Layout L = layout(input, target);
+    const Spans s(L);
     char* o = static_cast<char*>(out.data_ptr());
     const int64_t esz = out.element_size();
     for_spans(s, n, [&](int64_t i) {
-      const Span& sp = s[i];
+      const Span sp = s[i];
       K.sq[fmt](at_elem(L.t[0], L.ld[0], sp), at_elem(L.t[1], L.ld[1], sp), o + (sp.row * L.cols + sp.col) * esz,
                 sp.len);
     });
@@ -130,16 +133,18 @@ at::Tensor mse_loss_cpu(const at::Tensor& input, const at::Tensor& target, c10::
   auto out = at::empty({}, input.options());
   double total = 0.0;
   if (n > 0) {
-    const Layout L = layout({input, target});
-    const auto s = spans(L);
-    if (s.size() == 1) {
-      total = K.sum_sq[fmt](at_elem(L.t[0], L.ld[0], s[0]), at_elem(L.t[1], L.ld[1], s[0]), s[0].len);
+    const Layout L = layout(input, target);
+    const Spans s(L);
+    if (s.count == 1) {
+      const Span sp = s[0];
+      total = K.sum_sq[fmt](at_elem(L.t[0], L.ld[0], sp), at_elem(L.t[1], L.ld[1], sp), sp.len);
     } else {
-      std::vector<double> part(s.size());
+      std::vector<double> part(static_cast<size_t>(s.count));
       for_spans(s, n, [&](int64_t i) {
-        part[i] = K.sum_sq[fmt](at_elem(L.t[0], L.ld[0], s[i]), at_elem(L.t[1], L.ld[1], s[i]), s[i].len);
+        const Span sp = s[i];
+        part[i] = K.sum_sq[fmt](at_elem(L.t[0], L.ld[0], sp), at_elem(L.t[1], L.ld[1], sp), sp.len);
       });
-      for (double v : part) total += v;
+      for (double v : part) total += v;  // chunk order: deterministic
     }
   }
   if (reduction == "mean") total = n > 0 ? total / static_cast<double>(n) : std::numeric_limits<double>::quiet_NaN();
@@ -174,12 +179,12 @@ at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_output, const at::Tensor
   const double scale = reduction == "mean" ? 2.0 / static_cast<double>(n) : 2.0;
   const int fmt = cpu::fmt_index(input.scalar_type());
   const auto& K = cpu::mse_kernels();
-  const Layout L = scalar ? layout({input, target}) : layout({input, target, g});
-  const auto s = spans(L);
+  const Layout L = scalar ? layout(input, target) : layout(input, target, &g);
+  const Spans s(L);
   char* o = static_cast<char*>(out.data_ptr());
   const int64_t esz = out.element_size();
   for_spans(s, n, [&](int64_t i) {
-    const Span& sp = s[i];
+    const Span sp = s[i];
     K.bwd[fmt](at_elem(L.t[0], L.ld[0], sp), at_elem(L.t[1], L.ld[1], sp),
                scalar ? nullptr : at_elem(L.t[2], L.ld[2], sp), g_scalar, scale,
                o + (sp.row * L.cols + sp.col) * esz, sp.len);

@@ -36,6 +36,21 @@ def is_native(backend: str | None, device: torch.device) -> bool:
     return r
 
 
+_cpu_memo: dict = {}
+_CPU = torch.device("cpu")
+
+
+def cpu_native(backend: str | None) -> bool:
+    """is_native(backend, cpu) for the hot path: one dict lookup (no device object, no key tuple;
+    torch.device.type alone costs ~0.3 us), re-resolved when the process default changes."""
+    m = _cpu_memo.get(backend) if backend is None or type(backend) is str else None
+    if m is not None and m[0] is backends._default:
+        return m[1]
+    r = is_native(backend, _CPU)
+    _cpu_memo[backend] = (backends._default, r)
+    return r
+
+
 def impl(name: str, backend: str | None, device: torch.device):
     """The callable implementing op ``name`` for tensors on ``device`` under ``backend``."""
     which = backends.resolve(backend, device)
@@ -178,6 +193,8 @@ def _register_fakes() -> None:
 
 if backends.extension_loaded():  # the schemas exist only when fastlin._C loaded
     _register_fakes()
-    native_linear = torch.ops.fastlin.linear.default
-    native_mse_loss = torch.ops.fastlin.mse_loss.default
-    native_sgd_update_ = torch.ops.fastlin.sgd_update_.default
+    # The OpOverloads' C++ callables (OpOverload.__call__ is exactly `self._op(*args)`; calling
+    # it directly saves a Python frame per op on the hot path).
+    native_linear = torch.ops.fastlin.linear.default._op
+    native_mse_loss = torch.ops.fastlin.mse_loss.default._op
+    native_sgd_update_ = torch.ops.fastlin.sgd_update_.default._op

@@ -71,6 +71,8 @@ class SGD(torch.optim.SGD):
 
     def _update_group(self, group) -> None:
         momentum = group["momentum"]
+        if momentum == 0 and self._update_plain(group):
+            return
         # One call per (device, first_step) subset: the op updates a list on one device, and
         # parameters without a momentum buffer yet start theirs from their gradient.
         subsets: dict[tuple, tuple[list, list, list]] = {}
@@ -112,6 +114,31 @@ class SGD(torch.optim.SGD):
             if momentum != 0:  # only after a successful update: a failed check leaves state as it was
                 for p, b in zip(ps, bs):
                     state[p]["momentum_buffer"] = b
+
+    def _update_plain(self, group) -> bool:
+        """momentum == 0 with every gradient on one device and a native backend: one op call,
+        no per-step containers beyond the two lists. False: take the general path."""
+        ps, gs = [], []
+        device = None
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD")
+            if device is None:
+                device = p.device
+                if not (ops.cpu_native(self.backend) if p.is_cpu else ops.is_native(self.backend, device)):
+                    return False
+            elif p.device != device:
+                return False
+            ps.append(p)
+            gs.append(grad)
+        if ps:
+            ops.native_sgd_update_(ps, gs, [], _scalar(group["lr"]), 0.0, float(group["dampening"]),
+                                   _scalar(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
+                                   False)
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (torch.optim.Optimizer.zero_grad; same semantics)."""

@@ -3,9 +3,6 @@ fastlin.reference in float64, over the odd-shape grid, every dtype, bias on/off,
 and expanded inputs, every CPU ISA, with NaN-poisoned outputs."""
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -181,7 +178,7 @@ def test_linear_autograd_native(shape, bias):
         b = torch.randn(o, dtype=torch.float64, requires_grad=need[2]) if bias else None
         y = fastlin.functional.linear(x, w, b, backend="cpp")
         if len(shape) == 2:  # the C++ node, not a Python Function (other ranks add a reshape)
-            assert "LinearFn" in y.grad_fn.name(), y.grad_fn.name()
+            assert y.grad_fn.name() == "fastlin::LinearBackward", y.grad_fn.name()
         gy = torch.randn_like(y)
         y.backward(gy)
         xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -209,18 +206,3 @@ def test_linear_opcheck():
         for mask in ([True, True, True], [False, True, False], [True, False, True]):
             torch.library.opcheck(torch.ops.fastlin.linear_backward.default,
                                   (g, torch.randn(n, d), torch.randn(o, d), mask))
-
-
-# --- every ISA: the core of this file in a subprocess with FASTLIN_CPU_ISA capped ---------------
-
-ISA_SUBSET = "test_linear_grid and float32 and cpp or test_linear_forms and cpp or test_linear_layouts and cpp"
-
-
-@pytest.mark.skipif(os.environ.get("FASTLIN_CPU_ISA") is not None, reason="already inside an ISA subprocess")
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_linear_isa(isa):
-    env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                        ISA_SUBSET], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
-    assert " passed" in r.stdout

@@ -4,9 +4,6 @@ non-contiguous and expanded inputs, scalar and elementwise grad_output, every CP
 NaN-poisoned outputs, determinism."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -199,17 +196,3 @@ def test_mse_opcheck():
             g = torch.randn(shape) if reduction == "none" else torch.randn(())
             torch.library.opcheck(torch.ops.fastlin.mse_loss_backward.default,
                                   (g, torch.randn(shape), torch.randn(shape), reduction))
-
-
-ISA_SUBSET = ("test_mse_grid and cpp and (float32 or bfloat16) or test_mse_layouts and cpp "
-              "or test_mse_backward_grad_output and cpp")
-
-
-@pytest.mark.skipif(os.environ.get("FASTLIN_CPU_ISA") is not None, reason="already inside an ISA subprocess")
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_mse_isa(isa):
-    env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                        ISA_SUBSET], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
-    assert " passed" in r.stdout

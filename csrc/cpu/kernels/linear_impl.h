@@ -278,8 +278,11 @@ inline void tn_tile(const typename FmtTraits<F>::Elem* bc, int64_t ldbc, const t
   V acc[K * C];
   for (int k = 0; k < K; ++k)
     for (int c = 0; c < C; ++c) acc[k * C + c] = vload<AF>(part + k * ldp + c * W);
-  Acc bs[K];
-  for (int k = 0; k < K; ++k) bs[k] = bsum_bc && k < kleft ? bsum_bc[k] : Acc(0);
+  // Column sums of bc (grad_bias): a scalar chain per k, so kept in double (free for scalar adds)
+  // and rounded once per tile: a float32 chain over the tile's rows lost 1e-5 of a sum that
+  // cancels (N = 4097, O = 1).
+  double bs[K];
+  for (int k = 0; k < K; ++k) bs[k] = 0.0;
   V bv[C];
   for (int c = 0; c < C; ++c) bv[c] = bsum_vec ? vload<AF>(bsum_vec + c * W) : V{};
   const bool fullv = vleft >= C * W, fullk = kleft >= K;
@@ -307,7 +310,7 @@ inline void tn_tile(const typename FmtTraits<F>::Elem* bc, int64_t ldbc, const t
   for (int k = 0; k < K; ++k)
     for (int c = 0; c < C; ++c) vstore<AF>(part + k * ldp + c * W, acc[k * C + c]);
   if (bsum_bc)
-    for (int k = 0; k < K && k < kleft; ++k) bsum_bc[k] = bs[k];
+    for (int k = 0; k < K && k < kleft; ++k) bsum_bc[k] += static_cast<Acc>(bs[k]);
   if (bsum_vec)
     for (int c = 0; c < C; ++c) vstore<AF>(bsum_vec + c * W, bv[c]);
 }

@@ -5,8 +5,9 @@
 // below the memory and FMA limits (stock F.linear N=262144 D=256 O=16: 70 ms = 4 GB/s of x, the
 // machine reads 24 GB/s; go.mm(w) for grad_input: 166 ms), and at N = 100 its per-call overhead
 // dominates. The own kernels read x once at close to the read bandwidth (one thread,
-// N=262144: D=64 O=1 22.7 GB/s vs MKL 20; D=64 O=16 3.9x MKL; D=1 O=1 5x). For large O and D both (a weight that no longer fits L2, where a blocked GEMM's reuse
-// wins) the op hands the whole product to ATen (use_aten_gemm below, with the measurement).
+// N=262144: D=64 O=1 22.7 GB/s vs MKL 20; D=64 O=16 3.9x MKL; D=1 O=1 5x). For large O and D
+// both (where a blocked GEMM's reuse of the weight wins) the op hands the whole product to ATen
+// (use_aten_gemm below, with the measurement).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

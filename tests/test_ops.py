@@ -182,8 +182,6 @@ def samples(op, device):
 
 # Kernel bugs opcheck finds in the cpp backend, for the kernel owners (csrc/cpu/*): (op, sample) -> bug.
 CPP_BUGS = {
-    ("linear_backward", 1): "linear_backward_cpu returns one `empty` tensor for every masked-off output, so "
-    "outputs 1 and 2 alias each other (the schema declares distinct outputs); allocate one (0,) tensor each",
     (
         "linear_mse_loss",
         1,
@@ -194,10 +192,6 @@ CPP_BUGS = {
         2,
     ): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
     "outputs 1..4 alias each other; allocate one (0,) tensor each",
-    ("mse_loss", 6): "mse_loss_cpu('none') returns the elementwise loss with a transposed input's strides "
-    "(1, 257); the fake impl (and every other op) returns a contiguous tensor",
-    ("mse_loss_backward", 3): "mse_loss_backward_cpu returns the gradient with a transposed input's strides "
-    "(1, 257); the fake impl (and every other op) returns a contiguous tensor",
 }
 
 SAMPLE_IDS = [(op, i) for op in OPS for i in range(len(samples(op, "meta")))]

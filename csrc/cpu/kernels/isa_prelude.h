@@ -9,3 +9,6 @@
 #include <limits>
 
 #include "cpu/isa.h"
+#include "cpu/kernels/linear.h"
+#include "cpu/kernels/mse.h"
+#include "cpu/kernels/sgd.h"

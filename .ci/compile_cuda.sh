@@ -8,17 +8,22 @@
 #      self-check);
 #   3. the kernels themselves run on a CPU emulation of the CUDA execution model
 #      (csrc/cuda/tests/cuda_emu.h) against a float64 reference: a smoke subset here.
-# Options: --emu-full  run the whole emulator suite under AddressSanitizer + UBSan (slow: ~10 min);
-#          --no-emu    skip step 3.
+# Options: --emu-full  run the whole emulator suite under AddressSanitizer + UBSan (slow: ~30 min
+#                      on 2 busy cores);
+#          --no-emu    skip step 3;
+#          --bench     run the harness with --bench (on a GPU: train_step vs copy bandwidth).
+# FASTLIN_CUDA_OUT=dir keeps the objects and the harness there (e.g. for compute-sanitizer).
 # Skips with a message (exit 0) when nvcc is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 emu=smoke
+harness_args=""
 for arg in "$@"; do
   case "$arg" in
     --emu-full) emu=full ;;
     --no-emu) emu=none ;;
+    --bench) harness_args=--bench ;;
     *) echo "compile_cuda.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -37,8 +42,13 @@ if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
 fi
 CUDA_ROOT=$(cd "$(dirname "$NVCC")/.." && pwd)
 JOBS=$(nproc 2>/dev/null || echo 2)
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+if [ -n "${FASTLIN_CUDA_OUT:-}" ]; then
+  out=$FASTLIN_CUDA_OUT
+  mkdir -p "$out"
+else
+  out=$(mktemp -d)
+  trap 'rm -rf "$out"' EXIT
+fi
 echo "+ $NVCC ($("$NVCC" --version | tail -n 1)); $JOBS jobs"
 
 # torch's cpp_extension COMMON_NVCC_FLAGS, then ours. --Werror all-warnings: any nvcc/ptxas warning
@@ -104,9 +114,9 @@ EOF
 "$NVCC" -std=c++17 -O2 -Icsrc/cuda -Xcompiler -Wall,-Wextra,-Werror --Werror all-warnings \
   -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
   -c csrc/cuda/tests/harness.cu -o "$out/harness.o"
-"$NVCC" -o "$out/harness" "$out"/*.o -lcudart
-echo "+ harness"
-"$out/harness"
+"$NVCC" -o "$out/harness" "$out"/*.o
+echo "+ harness $harness_args"
+"$out/harness" $harness_args
 
 # Step 3: the kernels on the CPU emulator (g++ >= 11 for C++20 <barrier>-free fibers via ucontext).
 if [ "$emu" != none ]; then

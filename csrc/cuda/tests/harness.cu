@@ -3,9 +3,13 @@
 // It links against cudart and calls every launcher of kernels.h. Without a CUDA device it says so
 // and exits 0 (CI has no GPU: the point there is that everything compiles and links). With a
 // device it runs a small numeric self-check of each launcher against a float64 host reference and
-// exits 1 on a mismatch.
+// exits 1 on a mismatch (small enough for compute-sanitizer's memcheck and racecheck).
+//   harness --bench   also times train_step (row pass + finalize) against a device-to-device copy
+//                     of the same bytes: the issue's target is >= 85% of the copy bandwidth for one
+//                     read of x at N = 4M, D = 256, O = 1, float32.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -223,9 +227,127 @@ void check_sgd(int num_sms) {
   expect_close(out, ref, 1e-6, "sgd_update_ (3 tensors)");
 }
 
+// ---- --bench ------------------------------------------------------------------------------------
+__global__ void fill_kernel(float* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    p[i] = scale * (static_cast<float>(h & 0xffffff) / 16777216.0f - 0.5f);
+  }
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median ms of `reps` runs of fn (after 2 warm-ups), timed with events on the default stream.
+template <typename F>
+float time_ms(F fn, int reps) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < 2; ++i) fn();
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CHECK_CUDA(cudaEventRecord(a));
+    fn();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  CHECK_CUDA(cudaEventDestroy(a));
+  CHECK_CUDA(cudaEventDestroy(b));
+  return median(t);
+}
+
+void bench_train_step(int num_sms, int64_t N, int D, int O) {
+  const int64_t nx = N * D;
+  float *x = nullptr, *y = nullptr, *w = nullptr, *b = nullptr, *copy = nullptr, *loss = nullptr, *part = nullptr;
+  double* part_s = nullptr;
+  CHECK_CUDA(cudaMalloc(&x, sizeof(float) * nx));
+  CHECK_CUDA(cudaMalloc(&copy, sizeof(float) * nx));
+  CHECK_CUDA(cudaMalloc(&y, sizeof(float) * N * O));
+  CHECK_CUDA(cudaMalloc(&w, sizeof(float) * O * D));
+  CHECK_CUDA(cudaMalloc(&b, sizeof(float) * O));
+  CHECK_CUDA(cudaMalloc(&loss, sizeof(float)));
+  fill_kernel<<<1024, 256>>>(x, nx, 1u, 2.0f);
+  fill_kernel<<<1024, 256>>>(y, N * O, 2u, 2.0f);
+  fill_kernel<<<64, 256>>>(w, static_cast<int64_t>(O) * D, 3u, 0.1f);
+  fill_kernel<<<1, 256>>>(b, O, 4u, 1.0f);
+  CHECK_CUDA(cudaGetLastError());
+  const fc::RowPassPlan plan = fc::rowpass_plan(fc::DType::F32, true, O, D, N, num_sms);
+  if (!plan.ok) {
+    std::printf("  bench: no plan (%s)\n", plan.why);
+    return;
+  }
+  const int64_t E = static_cast<int64_t>(O) * D + O;
+  CHECK_CUDA(cudaMalloc(&part, sizeof(float) * plan.G * E));
+  CHECK_CUDA(cudaMalloc(&part_s, sizeof(double) * plan.G * 2));
+  fc::RowPassArgs a;
+  a.nrows = N;
+  a.O = O;
+  a.D = D;
+  a.x = x;
+  a.ldx = D;
+  a.y = y;
+  a.ys0 = O;
+  a.ys1 = 1;
+  a.w = w;
+  a.ws0 = D;
+  a.ws1 = 1;
+  a.b = b;
+  a.bs0 = 1;
+  a.param_f32 = 1;
+  a.acc_w = a.acc_b = a.acc_loss = 1;
+  a.part = part;
+  a.part_s = part_s;
+  fc::FinalizeArgs f;
+  f.mode = fc::kFinUpdate;
+  f.pt = fc::DType::F32;
+  f.part = part;
+  f.part_s = part_s;
+  f.G = plan.G;
+  f.O = O;
+  f.D = D;
+  f.need_totals = 1;
+  f.w = w;
+  f.ws0 = D;
+  f.ws1 = 1;
+  f.b = b;
+  f.bs0 = 1;
+  f.opt.lr = 1e-4;
+  f.loss_out = loss;
+  const int reps = N >= (1 << 22) ? 10 : 30;
+  const float t_step = time_ms([&] {
+    CHECK_CUDA(fc::rowpass_launch(fc::DType::F32, plan, a, nullptr));
+    CHECK_CUDA(fc::finalize_launch(f, nullptr));
+  }, reps);
+  const float t_pass = time_ms([&] { CHECK_CUDA(fc::rowpass_launch(fc::DType::F32, plan, a, nullptr)); }, reps);
+  const double bytes = static_cast<double>(sizeof(float)) * nx;
+  const float t_copy = time_ms([&] { CHECK_CUDA(cudaMemcpyAsync(copy, x, bytes, cudaMemcpyDeviceToDevice)); }, reps);
+  const double copy_bw = 2.0 * bytes / (t_copy * 1e-3);  // bytes read + written per second
+  const double step_bw = bytes / (t_step * 1e-3);        // bytes of x read per second
+  std::printf("  train_step f32 N=%lld D=%d O=%d: %.3f ms (row pass %.3f ms, G=%d, L=%d kc=%d rb=%d); "
+              "copy %.3f ms = %.0f GB/s; one read of x at copy bandwidth: %.3f ms; step reads x at %.0f GB/s = "
+              "%.0f%% of copy bandwidth\n",
+              static_cast<long long>(N), D, O, t_step, t_pass, plan.G, plan.L, plan.kc, plan.rb, t_copy,
+              copy_bw / 1e9, bytes / copy_bw * 1e3, step_bw / 1e9, 100.0 * step_bw / copy_bw);
+  for (void* p : {static_cast<void*>(x), static_cast<void*>(copy), static_cast<void*>(y), static_cast<void*>(w),
+                  static_cast<void*>(b), static_cast<void*>(loss), static_cast<void*>(part),
+                  static_cast<void*>(part_s)})
+    CHECK_CUDA(cudaFree(p));
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const bool bench = argc > 1 && std::strcmp(argv[1], "--bench") == 0;
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
@@ -240,5 +362,12 @@ int main() {
   check_mse(sms);
   check_sgd(sms);
   std::printf("harness: %s\n", g_fail ? "FAILED" : "all ok");
+  if (bench && !g_fail) {
+    bench_train_step(sms, int64_t(1) << 22, 256, 1);   // the issue's target shape (4 GiB of x)
+    bench_train_step(sms, int64_t(1) << 22, 256, 16);
+    bench_train_step(sms, 262144, 256, 1);             // the CPU bench's shapes
+    bench_train_step(sms, 262144, 256, 16);
+    bench_train_step(sms, 1048576, 64, 1);
+  }
   return g_fail ? 1 : 0;
 }

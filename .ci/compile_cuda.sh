@@ -11,7 +11,10 @@
 # Options: --emu-full  run the whole emulator suite under AddressSanitizer + UBSan (slow: ~30 min
 #                      on 2 busy cores);
 #          --no-emu    skip step 3;
-#          --bench     run the harness with --bench (on a GPU: train_step vs copy bandwidth).
+#          --bench     run the harness with --bench (on a GPU: train_step vs copy bandwidth);
+#          --glue      also syntax-check the tensor glue (csrc/cuda/*.cpp) with g++ against the torch
+#                      headers of the python3 on PATH (a CPU torch will do: c10/cuda's generated
+#                      macro header is stubbed).
 # FASTLIN_CUDA_OUT=dir keeps the objects and the harness there (e.g. for compute-sanitizer).
 # Skips with a message (exit 0) when nvcc is not installed.
 set -euo pipefail
@@ -19,11 +22,13 @@ cd "$(dirname "$0")/.."
 
 emu=smoke
 harness_args=""
+glue=0
 for arg in "$@"; do
   case "$arg" in
     --emu-full) emu=full ;;
     --no-emu) emu=none ;;
     --bench) harness_args=--bench ;;
+    --glue) glue=1 ;;
     *) echo "compile_cuda.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -109,6 +114,21 @@ for r, d in zip(rows, dem):
     d = d.replace("fastlin::cuda::", "").replace("(RowPassArgs)", "").replace("void ", "")
     print(f"  {r[2]:>4} regs  {r[3]:<16} {d}")
 EOF
+
+if [ "$glue" = 1 ]; then
+  inc=$(python3 -c "from torch.utils import cpp_extension as c; print(' '.join(c.include_paths()))")
+  pyinc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  mkdir -p "$out/stubs/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stubs/c10/cuda/impl/cuda_cmake_macros.h"
+  isys=(-isystem "$out/stubs")
+  for d in $inc "$pyinc" "$CUDA_ROOT/include"; do isys+=(-isystem "$d"); done
+  for src in csrc/cuda/*.cpp; do
+    g++ -fsyntax-only -std=c++17 -Wall -Wextra -Werror -Wno-unknown-pragmas -Wno-psabi "${isys[@]}" -Icsrc \
+      -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
+      -DPy_LIMITED_API=0x03090000 -DFASTLIN_WITH_CUDA=1 "$src"
+    echo "glue ok: $src"
+  done
+fi
 
 # Host harness: links every launcher against cudart.
 "$NVCC" -std=c++17 -O2 -Icsrc/cuda -Xcompiler -Wall,-Wextra,-Werror --Werror all-warnings \

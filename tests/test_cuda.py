@@ -588,6 +588,25 @@ def test_opcheck():
     )
 
 
+def test_opcheck_masked_outputs():
+    """Masked-off gradients are distinct (0,) tensors: outputs of one call never alias (the fake
+    impls in fastlin/ops.py must agree)."""
+    f = torch.float32
+    x, w, b = _randn(33, 8, dtype=f), _randn(3, 8, dtype=f), _randn(3, dtype=f)
+    y, g = _randn(33, 3, dtype=f), _randn(33, 3, dtype=f)
+    F = torch.ops.fastlin
+    for mask in ([True, False, False], [False, False, True], [False, False, False]):
+        outs = F.linear_backward(g, x, w, mask)
+        assert len({id(o) for o in outs}) == 3  # one tensor (one Python object) per output
+        torch.library.opcheck(F.linear_backward.default, (g, x, w, mask))
+    w17, y17 = _randn(17, 8, dtype=f), _randn(33, 17, dtype=f)
+    for mask in ([False, True, False, False], [False, False, False, False]):
+        for args in ((x, w, b, y, "mean", mask), (x, w17, None, y17, "sum", mask)):  # row pass; ATen path
+            outs = F.linear_mse_loss(*args)
+            assert len({id(o) for o in outs}) == 5
+            torch.library.opcheck(F.linear_mse_loss.default, args)
+
+
 # ---------------------------------------------------------------------------------------------
 def test_bad_input_raises_before_writing():
     n, d, o = 64, 8, 2

@@ -58,19 +58,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(const at::Te
   check_cuda(op, "input", input);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = input.size(0), D = input.size(1), O = weight.size(0);
-  const at::Tensor empty = input.new_empty({0});
-  if (!mask[0] && !mask[1] && !mask[2]) return {empty, empty, empty};
+  // Masked-off outputs: a fresh (0,) tensor each (outputs of one call must not alias).
+  const auto empty = [&input] { return input.new_empty({0}); };
+  if (!mask[0] && !mask[1] && !mask[2]) return {empty(), empty(), empty()};
   const fc::DType xt = dtype_of(input);
   int64_t ldx = 0;
   const at::Tensor x = mask[1] ? rows_view(input, &ldx) : input;
   const fc::RowPassPlan plan = plan_rows(xt, rows_vec_ok(xt, x, ldx, D, mask[1]), O, D, N);
   if (!plan.ok) {  // cuBLAS
-    return {mask[0] ? at::mm(grad_output, weight) : empty, mask[1] ? at::mm(grad_output.t(), input) : empty,
-            mask[2] ? grad_output.sum(0) : empty};
+    return {mask[0] ? at::mm(grad_output, weight) : empty(), mask[1] ? at::mm(grad_output.t(), input) : empty(),
+            mask[2] ? grad_output.sum(0) : empty()};
   }
-  at::Tensor gi = mask[0] ? at::empty({N, D}, input.options()) : empty;
-  at::Tensor gw = mask[1] ? at::empty({O, D}, input.options()) : empty;
-  at::Tensor gb = mask[2] ? at::empty({O}, input.options()) : empty;
+  at::Tensor gi = mask[0] ? at::empty({N, D}, input.options()) : empty();
+  at::Tensor gw = mask[1] ? at::empty({O, D}, input.options()) : empty();
+  at::Tensor gb = mask[2] ? at::empty({O}, input.options()) : empty();
   const bool reduce = mask[1] || mask[2];
   at::Tensor part, part_s;
   if (reduce) {

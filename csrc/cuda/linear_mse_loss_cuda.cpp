@@ -31,9 +31,11 @@ Out5 lmse_aten(const at::Tensor& input, const at::Tensor& weight, const c10::opt
   }
   const at::Tensor g = r * scale;
   const auto dt = input.scalar_type();
-  const at::Tensor empty = input.new_empty({0});
-  return {loss.to(dt), mask[0] ? at::mm(g, weight.to(acc)).to(dt) : empty, mask[1] ? at::mm(g.t(), x).to(dt) : empty,
-          mask[2] ? g.sum(0).to(dt) : empty, mask[3] ? g.neg().to(dt) : empty};
+  // Masked-off outputs: a fresh (0,) tensor each (outputs of one call must not alias).
+  const auto empty = [&input] { return input.new_empty({0}); };
+  return {loss.to(dt), mask[0] ? at::mm(g, weight.to(acc)).to(dt) : empty(),
+          mask[1] ? at::mm(g.t(), x).to(dt) : empty(), mask[2] ? g.sum(0).to(dt) : empty(),
+          mask[3] ? g.neg().to(dt) : empty()};
 }
 
 Out5 linear_mse_loss_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -54,12 +56,13 @@ Out5 linear_mse_loss_cuda(const at::Tensor& input, const at::Tensor& weight, con
   if (!plan.ok) return lmse_aten(input, weight, bias, target, mean, mask);
 
   const at::TensorOptions opts = input.options();
-  const at::Tensor empty = input.new_empty({0});
+  // Masked-off outputs: a fresh (0,) tensor each (outputs of one call must not alias).
+  const auto empty = [&input] { return input.new_empty({0}); };
   at::Tensor loss = at::empty({}, opts);
-  at::Tensor gi = mask[0] ? at::empty({N, D}, opts) : empty;
-  at::Tensor gw = mask[1] ? at::empty({O, D}, opts) : empty;
-  at::Tensor gb = mask[2] ? at::empty({O}, opts) : empty;
-  at::Tensor gt = mask[3] ? at::empty({N, O}, opts) : empty;
+  at::Tensor gi = mask[0] ? at::empty({N, D}, opts) : empty();
+  at::Tensor gw = mask[1] ? at::empty({O, D}, opts) : empty();
+  at::Tensor gb = mask[2] ? at::empty({O}, opts) : empty();
+  at::Tensor gt = mask[3] ? at::empty({N, O}, opts) : empty();
   at::Tensor part = at::empty({plan.G, O * D + O}, opts.dtype(acc_scalar_type(input.scalar_type())));
   at::Tensor part_s = at::empty({plan.G, 2}, opts.dtype(at::kDouble));
   const double numel = static_cast<double>(N) * static_cast<double>(O);

@@ -62,11 +62,14 @@ if _input_precision not in PRECISIONS:
         f"fastlin: FASTLIN_TRITON_INPUT_PRECISION must be one of {', '.join(PRECISIONS)}; got {_input_precision!r}"
     )
 
-PROGRAMS_PER_SM = 4
-MAX_BLOCK_D = 512  # one row tile of x kept whole in registers up to this many columns (O <= 4 path)
-MAX_BLOCK_D_DOT = 256  # the same for the tl.dot path (O > 4)
-MAX_BLOCK_O = 64  # outputs per program; more outputs split over a second grid axis
+PROGRAMS_PER_SM = 2  # with the pipelined tile loop 2 resident programs per SM keep HBM busy
+MAX_BLOCK_D = 512  # O <= 4 path: widest row (x BLOCK_O) kept whole in registers
+MAX_BLOCK_D_DOT = 256  # the same for the tl.dot path (O > 4), also capped by the W tile: 8192 // BLOCK_O
+MAX_BLOCK_O = 64  # outputs per program on the tl.dot path; more outputs split over a second grid axis
 INTERPRET_PROGRAMS = 4  # the interpreter runs programs one after the other: few, big ones
+# FASTLIN_TRITON_AUTOTUNE=0: no benchmarking, the first (heuristic) config for each shape. For test
+# runs on a GPU, where every shape would otherwise be tuned; benchmarks leave it on.
+AUTOTUNE = os.environ.get("FASTLIN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def set_input_precision(precision: str) -> None:

@@ -46,28 +46,56 @@ from fastlin.triton._common import cast_out, is_finite, scalar
 
 def _onepass_configs():
     if K.INTERPRET:  # one config: the autotuner then skips benchmarking (slow in the interpreter)
-        return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (1, 2, 4, 8, 16, 32, 64, 128) for w in (4, 8)]
+        return [triton.Config({"BLOCK_N": 64, "NUM_STAGES": 1}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w)
+            for bn in (1, 2, 4, 8, 16, 32, 64, 128) for w in (4, 8) for s in (1, 3)]
 
 
 def _prune_onepass(configs, named_args, **kwargs):
     """Keep the tiles whose register footprint fits (about 32 fp32 registers per thread for the
-    biggest live tile), at most two sizes x two warp counts."""
+    biggest live tile): per warp count the two largest such tiles with the tile loop software-
+    pipelined (NUM_STAGES=3: cp.async prefetch of the next tiles into shared memory, which keeps
+    more bytes in flight per SM than registers allow), plus the largest one without (8 warps)."""
     bd, bo, dot = kwargs["BLOCK_D"], kwargs["BLOCK_O"], kwargs["USE_DOT"]
     fits = {}
     for c in configs:
         bn, w = c.kwargs["BLOCK_N"], c.num_warps
         if dot and bn < 16:
             continue
-        live = bn * bd if dot else bn * bo * bd
+        if not kwargs["ONE_CHUNK"] and bn > 32:  # the chunked path keeps more tiles alive (measured: spills)
+            continue
+        live = bn * bd + 2 * bo * bd if dot else bn * bo * bd
         if live <= 32 * 32 * w:
-            fits.setdefault(w, []).append(c)
+            fits.setdefault((w, c.kwargs["NUM_STAGES"]), []).append(c)
     out = []
-    for w, cs in fits.items():
-        out += sorted(cs, key=lambda c: c.kwargs["BLOCK_N"])[-2:]
-    if not out:
-        out = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"] < (16 if dot else 1), c.kwargs["BLOCK_N"]))]
-    return out
+    for (w, s), cs in sorted(fits.items(), key=lambda kv: (-kv[0][1], -kv[0][0])):  # pipelined, 8 warps first
+        cs = sorted(cs, key=lambda c: -c.kwargs["BLOCK_N"])
+        if s > 1:
+            out += cs[1:2] + cs[:1]  # the second largest first: the heuristic pick without autotuning
+        elif w == 8:
+            out += cs[:1]
+    if not out:  # nothing fits the budget: the smallest legal tile
+        legal = [c for c in configs if c.kwargs["BLOCK_N"] >= (16 if dot else 1) and c.kwargs["NUM_STAGES"] == 1]
+        out = [min(legal, key=lambda c: (c.kwargs["BLOCK_N"], c.num_warps))]
+    return out if K.AUTOTUNE else out[:1]
+
+
+@triton.jit
+def _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr, IDX64: tl.constexpr):
+    """Row numbers of tile t (by index when GATHER) and the tail mask; int64 only when IDX64 (an
+    offset can pass 2^31), since 64-bit address arithmetic costs registers in every tile."""
+    if IDX64:
+        r0 = tl.cast(t, tl.int64) * BLOCK_N + offs_n
+    else:
+        r0 = t * BLOCK_N + offs_n
+    mask_n = r0 < n_rows
+    if GATHER:
+        rows = tl.load(idx_ptr + r0, mask=mask_n, other=0)
+        if not IDX64:
+            rows = rows.to(tl.int32)
+    else:
+        rows = r0
+    return rows, mask_n
 
 
 @triton.autotune(
@@ -84,9 +112,9 @@ def _onepass_kernel(
     row_scale: tl.float64,
     HAS_BIAS: tl.constexpr, HAS_SW: tl.constexpr, GATHER: tl.constexpr, GIVEN_G: tl.constexpr,
     HAS_FLAG: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr, NEED_GX: tl.constexpr,
-    NEED_GT: tl.constexpr, USE_DOT: tl.constexpr, ONE_CHUNK: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_GT: tl.constexpr, USE_DOT: tl.constexpr, ONE_CHUNK: tl.constexpr, IDX64: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -94,162 +122,202 @@ def _onepass_kernel(
     NOB = tl.num_programs(1)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_o = offs_o < O
     n_tiles = tl.cdiv(n_rows, BLOCK_N)
     if HAS_FLAG:  # fit: once a step was refused, every later kernel of the loop is a no-op
         n_tiles = tl.where(tl.load(flag_ptr) != 0, 0, n_tiles)
     scale = scalar(row_scale, ACC)
     ws_row = tl.cast(pid, tl.int64) * O * D  # this program's slice of ws_w
 
-    if HAS_BIAS and not GIVEN_G:
-        b = tl.load(b_ptr + offs_o * s_b, mask=mask_o, other=0).to(ACC)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_O), ACC)
-    acc_l = tl.zeros((BLOCK_N, BLOCK_O), ACC)
-    acc_s = tl.zeros((BLOCK_N,), ACC)
-
-    if ONE_CHUNK:
-        # ---- the whole row fits one tile: x is read once into registers, W stays there too ----
+    if ONE_CHUNK and BLOCK_O == 1 and not USE_DOT:
+        # ---- O = 1, the linear-regression case: 2-D tiles only. x is read once into registers; the
+        # dW accumulator has the tile's shape, so a tile costs one row reduction (x_i . w) and FMAs.
         mask_d = offs_d < D
         if not GIVEN_G:
-            w = tl.load(w_ptr + offs_o[:, None] * s_wo + offs_d[None, :] * s_wd,
-                        mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)  # (BLOCK_O, BLOCK_D)
-        if USE_DOT:
-            acc_w = tl.zeros((BLOCK_O, BLOCK_D), ACC)
-        else:
-            acc_w = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_D), ACC)
-        for t in range(pid, n_tiles, P):
-            r0 = tl.cast(t, tl.int64) * BLOCK_N + offs_n
-            mask_n = r0 < n_rows
-            if GATHER:
-                rows = tl.load(idx_ptr + r0, mask=mask_n, other=0)
-            else:
-                rows = r0
-            m2 = mask_n[:, None] & mask_o[None, :]
+            w1 = tl.load(w_ptr + offs_d * s_wd, mask=mask_d, other=0).to(ACC)  # (BLOCK_D,)
+            if HAS_BIAS:
+                b1 = tl.load(b_ptr).to(ACC)
+        acc_w = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+        acc_b = tl.zeros((BLOCK_N,), ACC)
+        acc_l = tl.zeros((BLOCK_N,), ACC)
+        acc_s = tl.zeros((BLOCK_N,), ACC)
+        for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
+            rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
             x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
                         mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
             if GIVEN_G:
-                g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                g = tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
             else:
-                if USE_DOT:
-                    pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
-                else:
-                    pred = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-                y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
-                r = pred - y
+                r = tl.sum(x * w1[None, :], axis=1) - tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
                 if HAS_BIAS:
-                    r = r + b[None, :]
-                r = tl.where(m2, r, 0)  # tail rows would otherwise carry the bias
+                    r = r + b1
+                r = tl.where(mask_n, r, 0)  # tail rows would otherwise carry the bias
                 if HAS_SW:
                     sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
-                    g = r * sw[:, None]
+                    g = r * sw
                     acc_s += sw
                 else:
                     g = r
                 acc_l += g * r
                 if NEED_GT:
-                    tl.store(gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
-                             cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET), mask=m2)
+                    tl.store(gt_ptr + rows * s_gtn, cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET),
+                             mask=mask_n)
                 if NEED_GX:
-                    if USE_DOT:
-                        gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
-                    else:
-                        gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
                     tl.store(gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
-                             cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
+                             cast_out((g * scale)[:, None] * w1[None, :], gx_ptr.dtype.element_ty, INTERPRET),
                              mask=mask_n[:, None] & mask_d[None, :])
             if NEED_GW:
-                if USE_DOT:
-                    acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
-                else:
-                    acc_w += g[:, :, None] * x[:, None, :]
+                acc_w += g[:, None] * x
             if NEED_GB:
                 acc_b += g
         if NEED_GW:
-            if USE_DOT:
-                part = acc_w
-            else:
-                part = tl.sum(acc_w, axis=0)
-            tl.store(ws_w_ptr + ws_row + offs_o[:, None] * D + offs_d[None, :], part,
-                     mask=mask_o[:, None] & mask_d[None, :])
+            tl.store(ws_w_ptr + ws_row + offs_d, tl.sum(acc_w, axis=0), mask=mask_d)
+        if NEED_GB:
+            tl.store(ws_b_ptr + pid, tl.sum(acc_b, axis=0))
+        loss_part = tl.sum(acc_l, axis=0)
+        wsum_part = tl.sum(acc_s, axis=0)
     else:
-        # ---- wide rows: residual over D chunks, then a second (cache-hot) walk for dW / grad_input ----
-        if NEED_GW:
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                tl.store(ws_w_ptr + ws_row + offs_o[:, None] * D + dd[None, :],
-                         tl.zeros((BLOCK_O, BLOCK_D), ACC), mask=mask_o[:, None] & (dd < D)[None, :])
-        for t in range(pid, n_tiles, P):
-            r0 = tl.cast(t, tl.int64) * BLOCK_N + offs_n
-            mask_n = r0 < n_rows
-            if GATHER:
-                rows = tl.load(idx_ptr + r0, mask=mask_n, other=0)
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < O
+        if HAS_BIAS and not GIVEN_G:
+            b = tl.load(b_ptr + offs_o * s_b, mask=mask_o, other=0).to(ACC)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_O), ACC)
+        acc_l = tl.zeros((BLOCK_N, BLOCK_O), ACC)
+        acc_s = tl.zeros((BLOCK_N,), ACC)
+        if ONE_CHUNK:
+            # ---- the whole row fits one tile: x is read once into registers, W stays there too ----
+            mask_d = offs_d < D
+            if not GIVEN_G:
+                w = tl.load(w_ptr + offs_o[:, None] * s_wo + offs_d[None, :] * s_wd,
+                            mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)  # (BLOCK_O, BLOCK_D)
+            if USE_DOT:
+                acc_w = tl.zeros((BLOCK_O, BLOCK_D), ACC)
             else:
-                rows = r0
-            m2 = mask_n[:, None] & mask_o[None, :]
-            if GIVEN_G:
-                g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
-            else:
-                pred = tl.zeros((BLOCK_N, BLOCK_O), ACC)
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + offs_d
-                    mask_d = dd < D
-                    x = tl.load(x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
-                                mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
-                    w = tl.load(w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
-                                mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)
-                    if USE_DOT:
-                        pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
-                    else:
-                        pred += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-                y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
-                r = pred - y
-                if HAS_BIAS:
-                    r = r + b[None, :]
-                r = tl.where(m2, r, 0)
-                if HAS_SW:
-                    sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
-                    g = r * sw[:, None]
-                    acc_s += sw
+                acc_w = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_D), ACC)
+            for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
+                rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
+                m2 = mask_n[:, None] & mask_o[None, :]
+                x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
+                            mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                if GIVEN_G:
+                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
                 else:
-                    g = r
-                acc_l += g * r
-                if NEED_GT:
-                    tl.store(gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
-                             cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET), mask=m2)
-            if NEED_GW or NEED_GX:
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + offs_d
-                    mask_d = dd < D
-                    if NEED_GW:
-                        x = tl.load(x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
-                                    mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
-                        if USE_DOT:
-                            c = tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
-                        else:
-                            c = tl.sum(g[:, :, None] * x[:, None, :], axis=0)
-                        wp = ws_w_ptr + ws_row + offs_o[:, None] * D + dd[None, :]
-                        wm = mask_o[:, None] & mask_d[None, :]
-                        tl.store(wp, tl.load(wp, mask=wm, other=0) + c, mask=wm)
-                    if NEED_GX and not GIVEN_G:
-                        w = tl.load(w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
-                                    mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)
+                    if USE_DOT:
+                        pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
+                    else:
+                        pred = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                    r = pred - y
+                    if HAS_BIAS:
+                        r = r + b[None, :]
+                    r = tl.where(m2, r, 0)  # tail rows would otherwise carry the bias
+                    if HAS_SW:
+                        sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
+                        g = r * sw[:, None]
+                        acc_s += sw
+                    else:
+                        g = r
+                    acc_l += g * r
+                    if NEED_GT:
+                        tl.store(gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
+                                 cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET), mask=m2)
+                    if NEED_GX:
                         if USE_DOT:
                             gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
                         else:
                             gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
-                        tl.store(gx_ptr + rows[:, None] * s_gxn + dd[None, :] * s_gxd,
+                        tl.store(gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
                                  cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
                                  mask=mask_n[:, None] & mask_d[None, :])
-            if NEED_GB:
-                acc_b += g
+                if NEED_GW:
+                    if USE_DOT:
+                        acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
+                    else:
+                        acc_w += g[:, :, None] * x[:, None, :]
+                if NEED_GB:
+                    acc_b += g
+            if NEED_GW:
+                if USE_DOT:
+                    part = acc_w
+                else:
+                    part = tl.sum(acc_w, axis=0)
+                tl.store(ws_w_ptr + ws_row + offs_o[:, None] * D + offs_d[None, :], part,
+                         mask=mask_o[:, None] & mask_d[None, :])
+        else:
+            # ---- wide rows: residual over D chunks, then a second (cache-hot) walk for dW / grad_input.
+            # The dW partial lives in this program's workspace slice (read-modify-write by its owner).
+            if NEED_GW:
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + offs_d
+                    tl.store(ws_w_ptr + ws_row + offs_o[:, None] * D + dd[None, :],
+                             tl.zeros((BLOCK_O, BLOCK_D), ACC), mask=mask_o[:, None] & (dd < D)[None, :])
+            for t in range(pid, n_tiles, P):
+                rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
+                m2 = mask_n[:, None] & mask_o[None, :]
+                if GIVEN_G:
+                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                else:
+                    pred = tl.zeros((BLOCK_N, BLOCK_O), ACC)
+                    for d0 in range(0, D, BLOCK_D):
+                        dd = d0 + offs_d
+                        mask_d = dd < D
+                        x = tl.load(x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
+                                    mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                        w = tl.load(w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
+                                    mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)
+                        if USE_DOT:
+                            pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
+                        else:
+                            pred += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                    r = pred - y
+                    if HAS_BIAS:
+                        r = r + b[None, :]
+                    r = tl.where(m2, r, 0)
+                    if HAS_SW:
+                        sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
+                        g = r * sw[:, None]
+                        acc_s += sw
+                    else:
+                        g = r
+                    acc_l += g * r
+                    if NEED_GT:
+                        tl.store(gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
+                                 cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET), mask=m2)
+                if NEED_GW or NEED_GX:
+                    for d0 in range(0, D, BLOCK_D):
+                        dd = d0 + offs_d
+                        mask_d = dd < D
+                        if NEED_GW:
+                            x = tl.load(x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
+                                        mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                            if USE_DOT:
+                                c = tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
+                            else:
+                                c = tl.sum(g[:, :, None] * x[:, None, :], axis=0)
+                            wp = ws_w_ptr + ws_row + offs_o[:, None] * D + dd[None, :]
+                            wm = mask_o[:, None] & mask_d[None, :]
+                            tl.store(wp, tl.load(wp, mask=wm, other=0) + c, mask=wm)
+                        if NEED_GX and not GIVEN_G:
+                            w = tl.load(w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
+                                        mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)
+                            if USE_DOT:
+                                gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
+                            else:
+                                gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
+                            tl.store(gx_ptr + rows[:, None] * s_gxn + dd[None, :] * s_gxd,
+                                     cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
+                                     mask=mask_n[:, None] & mask_d[None, :])
+                if NEED_GB:
+                    acc_b += g
+        if NEED_GB:
+            tl.store(ws_b_ptr + tl.cast(pid, tl.int64) * O + offs_o, tl.sum(acc_b, axis=0), mask=mask_o)
+        loss_part = tl.sum(tl.sum(acc_l, axis=1), axis=0)
+        wsum_part = tl.sum(acc_s, axis=0)
 
-    if NEED_GB:
-        tl.store(ws_b_ptr + tl.cast(pid, tl.int64) * O + offs_o, tl.sum(acc_b, axis=0), mask=mask_o)
     if not GIVEN_G:
-        tl.store(ws_loss_ptr + pid * NOB + pid_o, tl.sum(tl.sum(acc_l, axis=1), axis=0))
+        tl.store(ws_loss_ptr + pid * NOB + pid_o, loss_part)
         if HAS_SW:
-            tl.store(ws_wsum_ptr + pid, tl.sum(acc_s, axis=0), mask=pid_o == 0)
+            tl.store(ws_wsum_ptr + pid, wsum_part, mask=pid_o == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +488,9 @@ def _commit_kernel(
 # host side
 
 
+WORKSPACE_BYTES = 64 << 20
+
+
 @dataclass
 class Plan:
     """Tile shapes fixed on the host for one (N, D, O, dtype, device) problem."""
@@ -437,14 +508,22 @@ def plan(n_rows: int, D: int, O: int, dtype: torch.dtype, device: torch.device) 
     acc = K.acc_dtype(dtype)
     use_dot = O > 4 and acc == torch.float32
     if use_dot:
+        # W (BLOCK_O, BLOCK_D) and the dW accumulator stay in registers next to the x tile
         bo = min(max(16, K.next_pow2(O)), max(16, K.MAX_BLOCK_O))
-        max_d = max(16, K.MAX_BLOCK_D_DOT)
-        bd = min(max(16, K.next_pow2(D)), max_d)
+        cap, chunk = min(K.MAX_BLOCK_D_DOT, 8192 // bo), min(K.MAX_BLOCK_D_DOT, 2048 // bo)
+        one = K.next_pow2(D) <= cap
+        bd = max(16, K.next_pow2(D) if one else chunk)
     else:
-        bo = min(K.next_pow2(O), K.MAX_BLOCK_O, 4 if acc == torch.float32 else 16)
-        bd = min(K.next_pow2(D), K.MAX_BLOCK_D)
+        # fp32: O = 1 uses 2-D tiles (ROW1 path), O = 2..4 a (rows, BLOCK_O, BLOCK_D) broadcast; fp64
+        # (gradcheck's dtype) the same with a quarter of the columns, since every value takes two registers
+        bo = min(K.next_pow2(O), 4)
+        cap = K.MAX_BLOCK_D // bo if acc == torch.float32 else max(1, K.MAX_BLOCK_D // 4 // bo)
+        one = K.next_pow2(D) <= cap
+        bd = K.next_pow2(D) if one else cap
     # the programs' row tiles: at least 16 rows each on the GPU, so tiny batches use few programs
     P = K.persistent_programs(device, triton.cdiv(max(n_rows, 1), 16 if device.type == "cuda" else 64))
+    # the (P, O, D) partials stay under WORKSPACE_BYTES (wide layers get fewer, longer programs)
+    P = max(1, min(P, WORKSPACE_BYTES // max(1, O * D * (8 if acc == torch.float64 else 4))))
     return Plan(P=P, NOB=triton.cdiv(max(O, 1), bo), BLOCK_O=bo, BLOCK_D=bd, USE_DOT=use_dot, ONE_CHUNK=D <= bd,
                 acc=acc)
 
@@ -467,6 +546,14 @@ def workspace(pl: Plan, O: int, D: int, device, need_w=True, need_b=True) -> Wor
     )
 
 
+def _needs_int64(*ts) -> bool:
+    """Whether an element offset into any of these tensors can reach 2^31 (then rows are int64)."""
+    for t in ts:
+        if t is not None and t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1:
+            return True
+    return False
+
+
 def run_onepass(pl: Plan, ws: Workspace, x, y, w, b, *, n_rows, sw=None, idx=None, flag=None, gx=None, gt=None,
                 row_scale=1.0, given_g=False, need_gw=True, need_gb=True) -> None:
     """Launch _onepass_kernel. x (rows, D) or the full x with idx (rows,) row indices; y (rows, O)
@@ -487,7 +574,8 @@ def run_onepass(pl: Plan, ws: Workspace, x, y, w, b, *, n_rows, sw=None, idx=Non
         float(row_scale),
         HAS_BIAS=b is not None, HAS_SW=sw is not None, GATHER=idx is not None, GIVEN_G=given_g,
         HAS_FLAG=flag is not None, NEED_GW=need_gw, NEED_GB=need_gb, NEED_GX=gx is not None,
-        NEED_GT=gt is not None, USE_DOT=pl.USE_DOT, ONE_CHUNK=pl.ONE_CHUNK, ACC=K.tl_acc(pl.acc),
+        NEED_GT=gt is not None, USE_DOT=pl.USE_DOT, ONE_CHUNK=pl.ONE_CHUNK,
+        IDX64=_needs_int64(x, y, idx, sw, gx, gt), ACC=K.tl_acc(pl.acc),
         PRECISION=K.input_precision(), INTERPRET=K.INTERPRET, BLOCK_D=pl.BLOCK_D, BLOCK_O=pl.BLOCK_O,
     )
 

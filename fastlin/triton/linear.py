@@ -46,11 +46,11 @@ def _prune(configs, named_args, **kwargs):
         if live <= 32 * 32 * w:
             fits.setdefault(w, []).append(c)
     out = []
-    for cs in fits.values():
-        out += sorted(cs, key=lambda c: c.kwargs["BLOCK_M"])[-2:]
+    for _, cs in sorted(fits.items(), key=lambda kv: -kv[0]):  # 8 warps first
+        out += sorted(cs, key=lambda c: -c.kwargs["BLOCK_M"])[:2]
     if not out:
         out = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] < (16 if dot else 1), c.kwargs["BLOCK_M"]))]
-    return out
+    return out if K.AUTOTUNE else out[:1]
 
 
 @triton.autotune(configs=_configs(), key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE"],
@@ -148,10 +148,9 @@ def linear_backward(
     K.check_devices(op, "input", input, weight=weight, grad_output=grad_output)
     N, D = input.shape
     O = weight.shape[0]
-    empty = input.new_empty((0,))
-    gi = input.new_empty((N, D)) if output_mask[0] else empty
-    gw = input.new_empty((O, D)) if output_mask[1] else empty
-    gb = input.new_empty((O,)) if output_mask[2] else empty
+    gi = input.new_empty((N, D)) if output_mask[0] else input.new_empty((0,))
+    gw = input.new_empty((O, D)) if output_mask[1] else input.new_empty((0,))
+    gb = input.new_empty((O,)) if output_mask[2] else input.new_empty((0,))
     if output_mask[0]:
         if O == 0:
             gi.zero_()

@@ -46,11 +46,10 @@ def linear_mse_loss(
     mean = reduction == "mean"
     # d loss / d r = scale * r; with no elements every gradient is a sum over nothing (0)
     scale = (2.0 / numel if numel else 0.0) if mean else 2.0
-    empty = input.new_empty((0,))
-    gi = input.new_empty((N, D)) if m[0] else empty
-    gw = input.new_empty((O, D)) if m[1] else empty
-    gb = input.new_empty((O,)) if m[2] else empty
-    gt = input.new_empty((N, O)) if m[3] else empty
+    gi = input.new_empty((N, D)) if m[0] else input.new_empty((0,))
+    gw = input.new_empty((O, D)) if m[1] else input.new_empty((0,))
+    gb = input.new_empty((O,)) if m[2] else input.new_empty((0,))
+    gt = input.new_empty((N, O)) if m[3] else input.new_empty((0,))
     loss = input.new_empty(())
     pl = OP.plan(N, D, O, input.dtype, input.device)
     ws = OP.workspace(pl, O, D, input.device, need_w=m[1], need_b=m[2])

@@ -19,6 +19,10 @@ from fastlin.triton.fit import fit
 
 INTERPRET = _common.INTERPRET
 
+for _op in (linear, linear_backward, mse_loss, mse_loss_backward, linear_mse_loss, sgd_update_, train_step, fit):
+    _common.opaque_under_interpreter(_op)
+del _op
+
 __all__ = [
     "fit", "input_precision", "linear", "linear_backward", "linear_mse_loss", "mse_loss", "mse_loss_backward",
     "set_input_precision", "sgd_update_", "train_step", "INTERPRET",

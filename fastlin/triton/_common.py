@@ -195,3 +195,19 @@ def scalar(v, ACC: tl.constexpr):
     kernels get them unrounded; the interpreter passes them as Python floats (no .to()), and
     tl.full makes the constant in ACC directly from the double there."""
     return tl.full((), v, ACC)
+
+
+def opaque_under_interpreter(op) -> None:
+    """Under TRITON_INTERPRET=1 keep a triton_op opaque to AOT functionalization (like a
+    torch.library.custom_op) instead of decomposing it into its kernels: interpreted kernels cannot
+    be traced, but an opaque op can, so torch.compile and opcheck's AOT test work on CPU tensors
+    too (the compiled graph calls the op, which runs the interpreted kernels). On a GPU nothing
+    changes: torch.compile sees through the op to the Triton kernels."""
+    if not INTERPRET:
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def _opaque(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, _opaque)

@@ -142,8 +142,9 @@ def _onepass_kernel(
         acc_s = tl.zeros((BLOCK_N,), ACC)
         for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
             rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
-            x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+            if NEED_GW or not GIVEN_G:  # (grad_bias alone from a given gradient never reads x)
+                x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
+                            mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
             if GIVEN_G:
                 g = tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
             else:
@@ -196,8 +197,9 @@ def _onepass_kernel(
             for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
                 rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
-                x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                if NEED_GW or not GIVEN_G:
+                    x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
+                                mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
                 if GIVEN_G:
                     g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
                 else:

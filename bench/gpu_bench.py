@@ -39,10 +39,17 @@ def parse():
     p.add_argument("--inner", type=int, default=5, help="steps per timed sample")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--no-extras", action="store_true", help="skip the linear_mse_loss / sgd_update_ timings")
-    p.add_argument("--json", default=None, help="write results here (default $OUT/gpu_bench.json when OUT is set)")
-    p.add_argument("--table", default=None, help="also write the table here (default $OUT/gpu_bench_table.txt)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU tensors through the Triton interpreter, tiny sizes: exercises the script's logic")
+    p.add_argument(
+        "--json", default=None, help="write results here (default $OUT/gpu_bench.json when OUT is set)"
+    )
+    p.add_argument(
+        "--table", default=None, help="also write the table here (default $OUT/gpu_bench_table.txt)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU tensors through the Triton interpreter, tiny sizes: exercises the script's logic",
+    )
     args = p.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -102,7 +109,9 @@ def measure(contenders: dict, repeats: int, inner: int) -> dict:
             except Exception as e:  # a contender that fails at run time is dropped, with the reason
                 log(f"{name}: failed while timing: {type(e).__name__}: {e}")
                 contenders[name] = None
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items() if v}
+    return {
+        k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items() if v
+    }
 
 
 def copy_bandwidth() -> float:
@@ -112,8 +121,9 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    ms = measure({"copy": lambda: dst.copy_(src)}, 10 if DEV == "cuda" else 5, 5 if DEV == "cuda" else 1)["copy"]
-    del src, dst
+    ms = measure({"copy": lambda: dst.copy_(src)}, 10 if DEV == "cuda" else 5, 5 if DEV == "cuda" else 1)[
+        "copy"
+    ]
     return 2 * nbytes / (ms["median"] * 1e-3) / 1e9
 
 
@@ -203,9 +213,23 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
             res = measure(cont, ARGS.repeats, ARGS.inner)
             x_bytes = x.numel() * x.element_size()
             limit = x_bytes / (bw_gbs * 1e9) * 1e3
-            rows.append({"case": case, "N": N, "D": D, "O": O, "dtype": dname, "x_bytes": x_bytes,
-                         "limit_ms": limit, "results": res})
-            log(f"{case}: " + ", ".join(f"{k} {v['median']:.3f} ms" for k, v in res.items()) + f", limit {limit:.3f} ms")
+            rows.append(
+                {
+                    "case": case,
+                    "N": N,
+                    "D": D,
+                    "O": O,
+                    "dtype": dname,
+                    "x_bytes": x_bytes,
+                    "limit_ms": limit,
+                    "results": res,
+                }
+            )
+            log(
+                f"{case}: "
+                + ", ".join(f"{k} {v['median']:.3f} ms" for k, v in res.items())
+                + f", limit {limit:.3f} ms"
+            )
             save(rows)  # a run cut short still leaves every finished case behind
             del x, cont
             if DEV == "cuda":
@@ -215,7 +239,10 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
 
 def bench_extras(bw_gbs: float, backends: list) -> list:
     """linear_mse_loss (loss + grad_weight + grad_bias) and sgd_update_, briefly."""
-    rows = []
+    return [bench_linear_mse_loss(bw_gbs, backends), bench_sgd_update(bw_gbs, backends)]
+
+
+def bench_linear_mse_loss(bw_gbs: float, backends: list) -> dict:
     N, D, O = ARGS.n, ARGS.d, 1
     g = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randn((N, D), generator=g, device=DEV)
@@ -229,15 +256,21 @@ def bench_extras(bw_gbs: float, backends: list) -> list:
 
     cont = {"eager": stock_lmse}
     for be in backends:
-        cont[be] = lambda be=be: ops.linear_mse_loss(x, w.detach(), b.detach(), y, "mean", (False, True, True, False),
-                                                     backend=be)
+        cont[be] = lambda be=be: ops.linear_mse_loss(
+            x, w.detach(), b.detach(), y, "mean", (False, True, True, False), backend=be
+        )
     warm(cont, "linear_mse_loss")
     res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
     x_bytes = x.numel() * 4
-    rows.append({"case": f"linear_mse_loss N={N} D={D} O={O} fp32 (loss+dW+db)", "x_bytes": x_bytes,
-                 "limit_ms": x_bytes / (bw_gbs * 1e9) * 1e3, "results": res})
-    del x, y
+    return {
+        "case": f"linear_mse_loss N={N} D={D} O={O} fp32 (loss+dW+db)",
+        "x_bytes": x_bytes,
+        "limit_ms": x_bytes / (bw_gbs * 1e9) * 1e3,
+        "results": res,
+    }
 
+
+def bench_sgd_update(bw_gbs: float, backends: list) -> dict:
     n = 4096 * 4096 if DEV == "cuda" else 256 * 256
     side = int(n**0.5)
     ps = [torch.randn((side, side), device=DEV), torch.randn((side,), device=DEV)]
@@ -250,8 +283,13 @@ def bench_extras(bw_gbs: float, backends: list) -> list:
     topt.step()  # creates the momentum buffers
     cont = {"eager": topt.step}
     try:
-        fopt = torch.optim.SGD([p.detach().clone().requires_grad_(True) for p in ps], lr=1e-3, momentum=0.9,
-                               weight_decay=1e-4, fused=True)
+        fopt = torch.optim.SGD(
+            [p.detach().clone().requires_grad_(True) for p in ps],
+            lr=1e-3,
+            momentum=0.9,
+            weight_decay=1e-4,
+            fused=True,
+        )
         for p, gg in zip(fopt.param_groups[0]["params"], gs):
             p.grad = gg.clone()
         fopt.step()
@@ -263,9 +301,12 @@ def bench_extras(bw_gbs: float, backends: list) -> list:
     warm(cont, "sgd_update_")
     res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
     moved = sum(p.numel() for p in ps) * 4 * 5  # read p, g, buf; write p, buf
-    rows.append({"case": f"sgd_update_ {side}x{side} + {side} fp32 momentum (5 passes)", "x_bytes": moved,
-                 "limit_ms": moved / (bw_gbs * 1e9) * 1e3, "results": res})
-    return rows
+    return {
+        "case": f"sgd_update_ {side}x{side} + {side} fp32 momentum (5 passes)",
+        "x_bytes": moved,
+        "limit_ms": moved / (bw_gbs * 1e9) * 1e3,
+        "results": res,
+    }
 
 
 def table(rows: list, bw_gbs: float, names: list) -> str:
@@ -275,9 +316,13 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
     for be in ("triton", "cuda"):
         if be in names:
             head += f"{be + ' %BW':>11}{be + '/eager':>13}{be + '/comp':>12}"
-    lines = [f"ms per call (median); copy bandwidth {bw_gbs:.0f} GB/s (read + write); limit = one read of x (or the "
-             f"bytes an update must move) at that rate; %BW = limit / time", head,
-             "-" * len(head)]
+    lines = [
+        f"ms per call (median); copy bandwidth {bw_gbs:.0f} GB/s (read + write); "
+        "limit = one read of x (or the "
+        f"bytes an update must move) at that rate; %BW = limit / time",
+        head,
+        "-" * len(head),
+    ]
     for r in rows:
         res, limit = r["results"], r["limit_ms"]
         line = f"{r['case'][:44]:<44}"
@@ -301,8 +346,10 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
 
 
 def main() -> int:
-    log(f"torch {torch.__version__}, triton {_triton_version()}, device {DEV}"
-        + (f" ({torch.cuda.get_device_name()})" if DEV == "cuda" else " (dry run: Triton interpreter)"))
+    log(
+        f"torch {torch.__version__}, triton {_triton_version()}, device {DEV}"
+        + (f" ({torch.cuda.get_device_name()})" if DEV == "cuda" else " (dry run: Triton interpreter)")
+    )
     if DEV == "cuda" and not torch.cuda.is_available():
         log("no CUDA device: nothing to bench (use --dry-run on a CPU)")
         return 2
@@ -320,11 +367,18 @@ def main() -> int:
     out_dir = os.environ.get("OUT")
     jpath = ARGS.json or (os.path.join(out_dir, "gpu_bench.json") if out_dir else None)
     tpath = ARGS.table or (os.path.join(out_dir, "gpu_bench_table.txt") if out_dir else None)
-    meta = {"torch": torch.__version__, "triton": _triton_version(), "device": DEV,
-            "gpu": torch.cuda.get_device_name() if DEV == "cuda" else None, "copy_bandwidth_gbs": bw,
-            "input_precision": fastlin.triton.input_precision() if "triton" in backends else None,
-            "repeats": ARGS.repeats, "inner": ARGS.inner, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv)}
+    meta = {
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "device": DEV,
+        "gpu": torch.cuda.get_device_name() if DEV == "cuda" else None,
+        "copy_bandwidth_gbs": bw,
+        "input_precision": fastlin.triton.input_precision() if "triton" in backends else None,
+        "repeats": ARGS.repeats,
+        "inner": ARGS.inner,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
 
     def save(rows) -> str:
         extra = sorted({n for r in rows for n in r["results"]} - set(names))

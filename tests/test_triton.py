@@ -16,7 +16,6 @@ kernels compute in fp32 from the exact low-precision values.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
@@ -25,14 +24,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import REL_TOL, backend_params, rel_error  # noqa: E402
+
 import fastlin  # noqa: E402
 import fastlin.triton  # noqa: E402,F401  (registers torch.ops.fastlin_triton.*)
 from fastlin import autograd as A  # noqa: E402
 from fastlin import reference as R  # noqa: E402
 from fastlin.triton import _common as K  # noqa: E402
 from fastlin.triton import _onepass as OP  # noqa: E402
-
-from conftest import REL_TOL, backend_params, rel_error  # noqa: E402
 
 T = torch.ops.fastlin_triton
 f64 = torch.float64
@@ -108,9 +107,10 @@ def check_update(new, old, ref_new, dtype, what, factor=1.0):
     d = new.detach().to(f64) - old.detach().to(f64)
     dr = ref_new.detach().to(f64).cpu() - old.detach().to(f64).cpu()
     err = torch.linalg.vector_norm(d.cpu() - dr).item()
-    allowed = (REL_TOL[dtype] * factor * torch.linalg.vector_norm(dr).item()
-               + torch.finfo(new.dtype).eps * (torch.linalg.vector_norm(new.detach().to(f64)).item()
-                                               + torch.linalg.vector_norm(old.detach().to(f64)).item()))
+    allowed = REL_TOL[dtype] * factor * torch.linalg.vector_norm(dr).item() + torch.finfo(new.dtype).eps * (
+        torch.linalg.vector_norm(new.detach().to(f64)).item()
+        + torch.linalg.vector_norm(old.detach().to(f64)).item()
+    )
     assert err <= allowed, f"{what}: change off by {err:.3e} > {allowed:.3e} ({dtype})"
 
 
@@ -140,9 +140,19 @@ def test_schemas_match_csrc_ops():
         ret = re.sub(r"Tensor [a-z_]+", "Tensor", ret)
         return args, ret
 
-    for name in ("linear", "linear_backward", "mse_loss", "mse_loss_backward", "linear_mse_loss", "sgd_update_",
-                 "train_step", "fit"):
-        assert norm(getattr(T, name).default._schema) == norm(getattr(torch.ops.fastlin, name).default._schema), name
+    for name in (
+        "linear",
+        "linear_backward",
+        "mse_loss",
+        "mse_loss_backward",
+        "linear_mse_loss",
+        "sgd_update_",
+        "train_step",
+        "fit",
+    ):
+        assert norm(getattr(T, name).default._schema) == norm(
+            getattr(torch.ops.fastlin, name).default._schema
+        ), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +172,17 @@ def test_linear(device, shape, dtype, bias):
 @pytest.mark.parametrize("dtype", [f32, torch.float16, f64])
 def test_linear_noncontiguous_and_fp16(device, dtype):
     x, w, b = rand(9, 257, dtype=dtype, device=device), rand(17, 257, dtype=dtype, device=device), None
-    check(T.linear(noncontig(x), noncontig(w), b), R.linear(d64(x), d64(w), None), dtype, "linear non-contiguous")
-    x, w, b = rand(5, 3, dtype=dtype, device=device), rand(2, 3, dtype=dtype, device=device), rand(2, dtype=dtype,
-                                                                                                    device=device)
+    check(
+        T.linear(noncontig(x), noncontig(w), b),
+        R.linear(d64(x), d64(w), None),
+        dtype,
+        "linear non-contiguous",
+    )
+    x, w, b = (
+        rand(5, 3, dtype=dtype, device=device),
+        rand(2, 3, dtype=dtype, device=device),
+        rand(2, dtype=dtype, device=device),
+    )
     check(T.linear(x, w, b), R.linear(d64(x), d64(w), d64(b)), dtype, "linear O=2")
 
 
@@ -177,12 +195,16 @@ def test_linear_empty(device):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", [f32, torch.bfloat16])
-@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)],
-                         ids=["all", "input", "params"])
+@pytest.mark.parametrize(
+    "mask", [(True, True, True), (True, False, False), (False, True, True)], ids=["all", "input", "params"]
+)
 def test_linear_backward(device, shape, dtype, mask):
     N, D, O = shape
-    g, x, w = rand(N, O, dtype=dtype, device=device), rand(N, D, dtype=dtype, device=device), rand(O, D, dtype=dtype,
-                                                                                                   device=device)
+    g, x, w = (
+        rand(N, O, dtype=dtype, device=device),
+        rand(N, D, dtype=dtype, device=device),
+        rand(O, D, dtype=dtype, device=device),
+    )
     out = T.linear_backward(g, x, w, list(mask))
     ref = R.linear_backward(d64(g), d64(x), d64(w), list(mask))
     for name, o, r, m in zip(("grad_input", "grad_weight", "grad_bias"), out, ref, mask):
@@ -195,8 +217,9 @@ def test_linear_backward(device, shape, dtype, mask):
 def test_linear_backward_noncontiguous(device):
     g, x, w = rand(9, 17, device=device), rand(9, 257, device=device), rand(17, 257, device=device)
     out = T.linear_backward(noncontig(g), noncontig(x), w, [True, True, True])
-    for name, o, r in zip(("grad_input", "grad_weight", "grad_bias"), out,
-                          R.linear_backward(d64(g), d64(x), d64(w), [True] * 3)):
+    for name, o, r in zip(
+        ("grad_input", "grad_weight", "grad_bias"), out, R.linear_backward(d64(g), d64(x), d64(w), [True] * 3)
+    ):
         check(o, r, f32, name)
 
 
@@ -227,8 +250,12 @@ def test_mse_loss(device, shape, reduction, dtype):
 def test_mse_loss_backward(device, shape, reduction, dtype):
     x, t = rand(*shape, dtype=dtype, device=device), rand(*shape, dtype=dtype, device=device)
     go = rand(*shape, dtype=dtype, device=device) if reduction == "none" else rand(dtype=dtype, device=device)
-    check(T.mse_loss_backward(go, x, t, reduction), R.mse_loss_backward(d64(go), d64(x), d64(t), reduction), dtype,
-          "mse_loss_backward")
+    check(
+        T.mse_loss_backward(go, x, t, reduction),
+        R.mse_loss_backward(d64(go), d64(x), d64(t), reduction),
+        dtype,
+        "mse_loss_backward",
+    )
 
 
 def test_mse_noncontiguous(device):
@@ -238,8 +265,12 @@ def test_mse_noncontiguous(device):
     assert out.is_contiguous()
     check(out, R.mse_loss(d64(x), d64(t), "none"), f32, "mse none")
     go = rand(device=device)
-    check(T.mse_loss_backward(go, noncontig(x), t, "mean"), R.mse_loss_backward(d64(go), d64(x), d64(t), "mean"), f32,
-          "mse backward")
+    check(
+        T.mse_loss_backward(go, noncontig(x), t, "mean"),
+        R.mse_loss_backward(d64(go), d64(x), d64(t), "mean"),
+        f32,
+        "mse backward",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,22 +294,30 @@ def test_linear_mse_loss(device, shape, reduction, bias):
 @pytest.mark.parametrize("shape", [(7, 3, 1), (33, 257, 17)], ids=["O1", "O17"])
 def test_linear_mse_loss_low_precision(device, dtype, shape):
     N, D, O = shape
-    x, w, b, t = (rand(N, D, dtype=dtype, device=device), rand(O, D, dtype=dtype, device=device),
-                  rand(O, dtype=dtype, device=device), rand(N, O, dtype=dtype, device=device))
+    x, w, b, t = (
+        rand(N, D, dtype=dtype, device=device),
+        rand(O, D, dtype=dtype, device=device),
+        rand(O, dtype=dtype, device=device),
+        rand(N, O, dtype=dtype, device=device),
+    )
     out = T.linear_mse_loss(x, w, b, t, "mean", [True] * 4)
     ref = R.linear_mse_loss(d64(x), d64(w), d64(b), d64(t), "mean", [True] * 4)
     for name, o, r in zip(("loss", "grad_input", "grad_weight", "grad_bias", "grad_target"), out, ref):
         check(o, r, dtype, name)
 
 
-@pytest.mark.parametrize("mask", [(False, True, True, False), (True, False, False, True), (False,) * 4,
-                                  (False, False, True, False)])
+@pytest.mark.parametrize(
+    "mask",
+    [(False, True, True, False), (True, False, False, True), (False,) * 4, (False, False, True, False)],
+)
 def test_linear_mse_loss_masks(device, mask):
     x, w, t = rand(9, 5, device=device), rand(3, 5, device=device), rand(9, 3, device=device)
     out = T.linear_mse_loss(x, w, None, t, "mean", list(mask))
     ref = R.linear_mse_loss(d64(x), d64(w), None, d64(t), "mean", list(mask))
     check(out[0], ref[0], f32, "loss")
-    for name, o, r, m in zip(("grad_input", "grad_weight", "grad_bias", "grad_target"), out[1:], ref[1:], mask):
+    for name, o, r, m in zip(
+        ("grad_input", "grad_weight", "grad_bias", "grad_target"), out[1:], ref[1:], mask
+    ):
         if m:
             check(o, r, f32, name)
         else:
@@ -300,7 +339,12 @@ def test_linear_mse_loss_paths(device, monkeypatch, path):
         assert not OP.plan(N, D, O, f32, torch.device(device)).ONE_CHUNK
     elif path == "chunked-dot":
         assert not OP.plan(N, D, O, f32, torch.device(device)).ONE_CHUNK
-    x, w, b, t = rand(N, D, device=device), rand(O, D, device=device), rand(O, device=device), rand(N, O, device=device)
+    x, w, b, t = (
+        rand(N, D, device=device),
+        rand(O, D, device=device),
+        rand(O, device=device),
+        rand(N, O, device=device),
+    )
     xa, ta = (noncontig(x), noncontig(t)) if path == "noncontiguous" else (x, t)
     out = T.linear_mse_loss(xa, w, b, ta, "sum", [True] * 4)
     ref = R.linear_mse_loss(d64(x), d64(w), d64(b), d64(t), "sum", [True] * 4)
@@ -318,7 +362,13 @@ def test_linear_mse_loss_paths(device, monkeypatch, path):
 def test_linear_mse_loss_empty(device):
     x, w, t = rand(0, 3, device=device), rand(2, 3, device=device), rand(0, 2, device=device)
     loss, gi, gw, gb, gt = T.linear_mse_loss(x, w, None, t, "mean", [True] * 4)
-    assert torch.isnan(loss) and gi.shape == (0, 3) and (gw == 0).all() and (gb == 0).all() and gt.shape == (0, 2)
+    assert (
+        torch.isnan(loss)
+        and gi.shape == (0, 3)
+        and (gw == 0).all()
+        and (gb == 0).all()
+        and gt.shape == (0, 2)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +400,9 @@ def test_sgd_update_matches_torch_optim(device):
     """Three steps against torch.optim.SGD itself, every option on."""
     p = rand(17, 3, device=device)
     q = p.clone().requires_grad_(True)
-    opt = torch.optim.SGD([q], lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=True)
+    opt = torch.optim.SGD(
+        [q], lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=True
+    )
     buf = torch.empty_like(p)
     for step in range(3):
         g = torch.randn_like(p)
@@ -363,9 +415,11 @@ def test_sgd_update_matches_torch_optim(device):
 
 def test_sgd_update_many_mixed(device):
     """11 parameters (two launches of 8 slots), mixed dtypes, a non-contiguous one, an empty one."""
-    ps = [rand(3, 4, device=device) for _ in range(9)] + [rand(4, 3, dtype=f64, device=device).t(),
-                                                          rand(0, 3, device=device), rand(5, dtype=torch.bfloat16,
-                                                                                          device=device)]
+    ps = [rand(3, 4, device=device) for _ in range(9)] + [
+        rand(4, 3, dtype=f64, device=device).t(),
+        rand(0, 3, device=device),
+        rand(5, dtype=torch.bfloat16, device=device),
+    ]
     gs = [torch.randn_like(p) for p in ps]
     ms = [torch.zeros_like(p) for p in ps]
     rp = [d64(p) for p in ps]
@@ -415,7 +469,9 @@ def test_train_step(device, shape, dtype, case):
     lref = R.train_step(d64(x), d64(y), *ref, d64(sw), *opts.values(), first)
     assert loss.dtype == f32 and loss.shape == ()
     check(loss, lref, f32, "loss")
-    for name, t, r, o in zip(("weight", "bias", "weight_momentum", "bias_momentum"), (w, b, wm, bm), ref, old):
+    for name, t, r, o in zip(
+        ("weight", "bias", "weight_momentum", "bias_momentum"), (w, b, wm, bm), ref, old
+    ):
         if t is not None:
             check_update(t, o, r, f32, f"{name} update")
 
@@ -469,8 +525,11 @@ FIT_CASES = [  # (N, D, O, batch_size, shuffle, sample_weight, momentum, bias)
 ]
 
 
-@pytest.mark.parametrize("case", FIT_CASES, ids=["full", "batches-sw-mom", "shuffle-mom-nobias", "shuffle-sw",
-                                                 "shuffle-dot-chunked"])
+@pytest.mark.parametrize(
+    "case",
+    FIT_CASES,
+    ids=["full", "batches-sw-mom", "shuffle-mom-nobias", "shuffle-sw", "shuffle-dot-chunked"],
+)
 @pytest.mark.parametrize("dtype", [f32, f64])
 def test_fit(device, case, dtype):
     N, D, O, bs, shuffle, use_sw, momentum, bias = case
@@ -488,7 +547,9 @@ def test_fit(device, case, dtype):
     href = R.fit(x, y, *ref, sw, *args)
     assert hist.device == x.device and hist.dtype == dtype and hist.shape == (epochs,)
     check(hist, href.to(f64), dtype, "history")
-    for name, t, r, o in zip(("weight", "bias", "weight_momentum", "bias_momentum"), (w, b, wm, bm), ref, old):
+    for name, t, r, o in zip(
+        ("weight", "bias", "weight_momentum", "bias_momentum"), (w, b, wm, bm), ref, old
+    ):
         if t is not None:
             check_update(t, o, r, dtype, f"{name} change", factor=10.0)
 
@@ -557,32 +618,93 @@ def test_gradcheck(device):
     x, w, b, t = leaf(4, 3), leaf(2, 3), leaf(2), leaf(4, 2)
     assert torch.autograd.gradcheck(lambda x, w, b: A.LinearFunction.apply(x, w, b, "triton"), (x, w, b))
     for red in ("mean", "sum", "none"):
-        assert torch.autograd.gradcheck(lambda x, t: A.MSELossFunction.apply(x, t, red, "triton"), (x, leaf(4, 3)))
+        assert torch.autograd.gradcheck(
+            lambda x, t, red=red: A.MSELossFunction.apply(x, t, red, "triton"), (x, leaf(4, 3))
+        )
         if red != "none":
             assert torch.autograd.gradcheck(
-                lambda x, w, b, t: A.LinearMSELossFunction.apply(x, w, b, t, red, "triton"), (x, w, b, t))
+                lambda x, w, b, t, red=red: A.LinearMSELossFunction.apply(x, w, b, t, red, "triton"),
+                (x, w, b, t),
+            )
 
 
 def _opcheck_samples(device):
-    x, w, b, y = rand(9, 3, device=device), rand(2, 3, device=device), rand(2, device=device), rand(9, 2,
-                                                                                                  device=device)
+    x, w, b, y = (
+        rand(9, 3, device=device),
+        rand(2, 3, device=device),
+        rand(2, device=device),
+        rand(9, 2, device=device),
+    )
     return {
         "linear": (x, w, b),
         "linear_backward": (y, x, w, [True, False, True]),
         "mse_loss": (x, rand(9, 3, device=device), "mean"),
         "mse_loss_backward": (rand(device=device), x, rand(9, 3, device=device), "sum"),
         "linear_mse_loss": (x, w, None, y, "mean", [True, True, True, False]),
-        "sgd_update_": ([w.clone(), b.clone()], [w, b], [w.clone(), b.clone()], 0.1, 0.9, 0.0, 0.0, False, False,
-                        False),
-        "train_step": (x, y, w.clone(), b.clone(), w.clone(), b.clone(), None, 0.1, 0.9, 0.0, 0.0, False, False,
-                       True),
-        "fit": (x, y, w.clone(), b.clone(), None, None, torch.rand(9, device=device), 2, 4, True, 7, 0.1, 0.0, 0.0,
-                0.0, False, False, False),
+        "sgd_update_": (
+            [w.clone(), b.clone()],
+            [w, b],
+            [w.clone(), b.clone()],
+            0.1,
+            0.9,
+            0.0,
+            0.0,
+            False,
+            False,
+            False,
+        ),
+        "train_step": (
+            x,
+            y,
+            w.clone(),
+            b.clone(),
+            w.clone(),
+            b.clone(),
+            None,
+            0.1,
+            0.9,
+            0.0,
+            0.0,
+            False,
+            False,
+            True,
+        ),
+        "fit": (
+            x,
+            y,
+            w.clone(),
+            b.clone(),
+            None,
+            None,
+            torch.rand(9, device=device),
+            2,
+            4,
+            True,
+            7,
+            0.1,
+            0.0,
+            0.0,
+            0.0,
+            False,
+            False,
+            False,
+        ),
     }
 
 
-@pytest.mark.parametrize("op", ["linear", "linear_backward", "mse_loss", "mse_loss_backward", "linear_mse_loss",
-                                "sgd_update_", "train_step", "fit"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "linear",
+        "linear_backward",
+        "mse_loss",
+        "mse_loss_backward",
+        "linear_mse_loss",
+        "sgd_update_",
+        "train_step",
+        "fit",
+    ],
+)
 def test_opcheck(device, op):
     torch.library.opcheck(getattr(T, op), _opcheck_samples(device)[op])
 
@@ -648,7 +770,7 @@ def test_int64_offsets_on_gpu():
     gb = torch.zeros(1, dtype=f64, device="cuda")
     tot = torch.zeros((), dtype=f64, device="cuda")
     for s in range(0, N, 2**18):
-        xs, ys = x[s:s + 2**18].to(f64), y[s:s + 2**18].to(f64)
+        xs, ys = x[s : s + 2**18].to(f64), y[s : s + 2**18].to(f64)
         r = xs @ w0.to(f64).T + b0.to(f64) - ys
         tot += (r * r).sum()
         gw += r.T @ xs
@@ -674,8 +796,12 @@ def test_cpu_tensors_outside_interpreter(monkeypatch):
 
 
 def test_bad_input(device):
-    x, w, b, y = rand(4, 3, device=device), rand(2, 3, device=device), rand(2, device=device), rand(4, 2,
-                                                                                                 device=device)
+    x, w, b, y = (
+        rand(4, 3, device=device),
+        rand(2, 3, device=device),
+        rand(2, device=device),
+        rand(4, 2, device=device),
+    )
     other = "meta" if torch.device(device).type == "cpu" else "cpu"
     with pytest.raises(RuntimeError, match="weight must be on the device of input"):
         T.linear(x, w.to(other), b)
@@ -708,9 +834,66 @@ def test_bad_input(device):
         for op, extra in (("train_step", ()), ("fit", (2, 0, True, 0))):
             with pytest.raises((ValueError, TypeError), match=msg):
                 if op == "train_step":
-                    T.train_step(a["x"], a["y"], a["w"], b, None, None, a["sw"], a["lr"], a["momentum"], 0.0, 0.0,
-                                 a["nesterov"], False, False)
+                    T.train_step(
+                        a["x"],
+                        a["y"],
+                        a["w"],
+                        b,
+                        None,
+                        None,
+                        a["sw"],
+                        a["lr"],
+                        a["momentum"],
+                        0.0,
+                        0.0,
+                        a["nesterov"],
+                        False,
+                        False,
+                    )
                 else:
-                    T.fit(a["x"], a["y"], a["w"], b, None, None, a["sw"], *extra, a["lr"], a["momentum"], 0.0, 0.0,
-                          a["nesterov"], False, False)
+                    T.fit(
+                        a["x"],
+                        a["y"],
+                        a["w"],
+                        b,
+                        None,
+                        None,
+                        a["sw"],
+                        *extra,
+                        a["lr"],
+                        a["momentum"],
+                        0.0,
+                        0.0,
+                        a["nesterov"],
+                        False,
+                        False,
+                    )
             assert torch.equal(w, w0) and torch.equal(b, b0), f"{op} wrote parameters before failing ({msg})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the real compiler, without a GPU
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU every test above compiles the kernels for real"
+)
+def test_kernels_compile_for_sm90():
+    """The interpreter never compiles the kernels: bench/triton_compile_check.py compiles the bench
+    shapes' kernels for sm_90a (Triton -> PTX -> the bundled ptxas) with every autotune config, and
+    fails on a compile error or on register spills in the one-pass kernel."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "bench", "triton_compile_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -59,7 +59,8 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 _input_precision = os.environ.get("FASTLIN_TRITON_INPUT_PRECISION", "ieee").strip().lower() or "ieee"
 if _input_precision not in PRECISIONS:
     raise ValueError(
-        f"fastlin: FASTLIN_TRITON_INPUT_PRECISION must be one of {', '.join(PRECISIONS)}; got {_input_precision!r}"
+        f"fastlin: FASTLIN_TRITON_INPUT_PRECISION must be one of {', '.join(PRECISIONS)}; "
+        f"got {_input_precision!r}"
     )
 
 PROGRAMS_PER_SM = 2  # with the pipelined tile loop 2 resident programs per SM keep HBM busy
@@ -77,7 +78,9 @@ def set_input_precision(precision: str) -> None:
     global _input_precision
     p = str(precision).lower()
     if p not in PRECISIONS:
-        raise ValueError(f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise ValueError(
+            f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)}; got {precision!r}"
+        )
     _input_precision = p
 
 
@@ -117,7 +120,7 @@ def tl_acc(dtype: torch.dtype):
     return _TL[acc_dtype(dtype)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -135,7 +138,7 @@ def persistent_programs(device: torch.device, work_items: int) -> int:
 
 
 def _tracing_kind(args) -> str | None:
-    """"fake" when called by the fake (meta) implementation, "functional" under AOT functionalization."""
+    """ "fake" when called by the fake (meta) implementation, "functional" under AOT functionalization."""
     from torch._subclasses.fake_tensor import is_fake
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -162,6 +165,16 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                 "fastlin: the Triton backend cannot be traced by torch.compile under TRITON_INTERPRET=1 "
                 "(interpreted kernels are invisible to the tracer); compile on a CUDA device"
             )
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if (
+        dev is not None
+        and dev.type == "cuda"
+        and dev.index is not None
+        and dev.index != torch.cuda.current_device()
+    ):
+        with torch.cuda.device(dev):  # Triton launches on the current device
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
@@ -197,17 +210,22 @@ def scalar(v, ACC: tl.constexpr):
     return tl.full((), v, ACC)
 
 
-def opaque_under_interpreter(op) -> None:
-    """Under TRITON_INTERPRET=1 keep a triton_op opaque to AOT functionalization (like a
-    torch.library.custom_op) instead of decomposing it into its kernels: interpreted kernels cannot
-    be traced, but an opaque op can, so torch.compile and opcheck's AOT test work on CPU tensors
-    too (the compiled graph calls the op, which runs the interpreted kernels). On a GPU nothing
-    changes: torch.compile sees through the op to the Triton kernels."""
-    if not INTERPRET:
-        return
+def make_opaque(op) -> None:
+    """Keep a triton_op opaque to AOT functionalization (like a torch.library.custom_op): the
+    compiled graph calls the op, which launches its kernels, instead of tracing into them."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     def _opaque(mode, func, types, args, kwargs):
         return mode.__torch_dispatch__(func, types, args, kwargs)
 
     op.register_torch_dispatch(FunctionalTensorMode, _opaque)
+
+
+def opaque_under_interpreter(op) -> None:
+    """Under TRITON_INTERPRET=1 keep a triton_op opaque to AOT functionalization (like a
+    torch.library.custom_op) instead of decomposing it into its kernels: interpreted kernels cannot
+    be traced, but an opaque op can, so torch.compile and opcheck's AOT test work on CPU tensors
+    too (the compiled graph calls the op, which runs the interpreted kernels). On a GPU nothing
+    changes: torch.compile sees through the op to the Triton kernels."""
+    if INTERPRET:
+        make_opaque(op)

@@ -47,8 +47,12 @@ from fastlin.triton._common import cast_out, is_finite, scalar
 def _onepass_configs():
     if K.INTERPRET:  # one config: the autotuner then skips benchmarking (slow in the interpreter)
         return [triton.Config({"BLOCK_N": 64, "NUM_STAGES": 1}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w)
-            for bn in (1, 2, 4, 8, 16, 32, 64, 128) for w in (4, 8) for s in (1, 3)]
+    return [
+        triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w)
+        for bn in (1, 2, 4, 8, 16, 32, 64, 128)
+        for w in (4, 8)
+        for s in (1, 3)
+    ]
 
 
 def _prune_onepass(configs, named_args, **kwargs):
@@ -75,7 +79,9 @@ def _prune_onepass(configs, named_args, **kwargs):
         elif w == 8:
             out += cs[:1]
     if not out:  # nothing fits the budget: the smallest legal tile
-        legal = [c for c in configs if c.kwargs["BLOCK_N"] >= (16 if dot else 1) and c.kwargs["NUM_STAGES"] == 1]
+        legal = [
+            c for c in configs if c.kwargs["BLOCK_N"] >= (16 if dot else 1) and c.kwargs["NUM_STAGES"] == 1
+        ]
         out = [min(legal, key=lambda c: (c.kwargs["BLOCK_N"], c.num_warps))]
     return out if K.AUTOTUNE else out[:1]
 
@@ -105,16 +111,54 @@ def _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N: tl.constexpr, GATHER: tl.con
 )
 @triton.jit
 def _onepass_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, sw_ptr, idx_ptr, flag_ptr,
-    gx_ptr, gt_ptr, ws_w_ptr, ws_b_ptr, ws_loss_ptr, ws_wsum_ptr,
-    n_rows, D, O,
-    s_xn, s_xd, s_yn, s_yo, s_wo, s_wd, s_b, s_sw, s_gxn, s_gxd, s_gtn, s_gto,
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    sw_ptr,
+    idx_ptr,
+    flag_ptr,
+    gx_ptr,
+    gt_ptr,
+    ws_w_ptr,
+    ws_b_ptr,
+    ws_loss_ptr,
+    ws_wsum_ptr,
+    n_rows,
+    D,
+    O,
+    s_xn,
+    s_xd,
+    s_yn,
+    s_yo,
+    s_wo,
+    s_wd,
+    s_b,
+    s_sw,
+    s_gxn,
+    s_gxd,
+    s_gtn,
+    s_gto,
     row_scale: tl.float64,
-    HAS_BIAS: tl.constexpr, HAS_SW: tl.constexpr, GATHER: tl.constexpr, GIVEN_G: tl.constexpr,
-    HAS_FLAG: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr, NEED_GX: tl.constexpr,
-    NEED_GT: tl.constexpr, USE_DOT: tl.constexpr, ONE_CHUNK: tl.constexpr, IDX64: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    GATHER: tl.constexpr,
+    GIVEN_G: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
+    NEED_GW: tl.constexpr,
+    NEED_GB: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    NEED_GT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    IDX64: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -143,12 +187,17 @@ def _onepass_kernel(
         for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
             rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
             if NEED_GW or not GIVEN_G:  # (grad_bias alone from a given gradient never reads x)
-                x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                x = tl.load(
+                    x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
+                    mask=mask_n[:, None] & mask_d[None, :],
+                    other=0,
+                ).to(ACC)
             if GIVEN_G:
                 g = tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
             else:
-                r = tl.sum(x * w1[None, :], axis=1) - tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
+                r = tl.sum(x * w1[None, :], axis=1) - tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(
+                    ACC
+                )
                 if HAS_BIAS:
                     r = r + b1
                 r = tl.where(mask_n, r, 0)  # tail rows would otherwise carry the bias
@@ -160,12 +209,17 @@ def _onepass_kernel(
                     g = r
                 acc_l += g * r
                 if NEED_GT:
-                    tl.store(gt_ptr + rows * s_gtn, cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET),
-                             mask=mask_n)
+                    tl.store(
+                        gt_ptr + rows * s_gtn,
+                        cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET),
+                        mask=mask_n,
+                    )
                 if NEED_GX:
-                    tl.store(gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
-                             cast_out((g * scale)[:, None] * w1[None, :], gx_ptr.dtype.element_ty, INTERPRET),
-                             mask=mask_n[:, None] & mask_d[None, :])
+                    tl.store(
+                        gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
+                        cast_out((g * scale)[:, None] * w1[None, :], gx_ptr.dtype.element_ty, INTERPRET),
+                        mask=mask_n[:, None] & mask_d[None, :],
+                    )
             if NEED_GW:
                 acc_w += g[:, None] * x
             if NEED_GB:
@@ -188,8 +242,11 @@ def _onepass_kernel(
             # ---- the whole row fits one tile: x is read once into registers, W stays there too ----
             mask_d = offs_d < D
             if not GIVEN_G:
-                w = tl.load(w_ptr + offs_o[:, None] * s_wo + offs_d[None, :] * s_wd,
-                            mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)  # (BLOCK_O, BLOCK_D)
+                w = tl.load(
+                    w_ptr + offs_o[:, None] * s_wo + offs_d[None, :] * s_wd,
+                    mask=mask_o[:, None] & mask_d[None, :],
+                    other=0,
+                ).to(ACC)  # (BLOCK_O, BLOCK_D)
             if USE_DOT:
                 acc_w = tl.zeros((BLOCK_O, BLOCK_D), ACC)
             else:
@@ -198,16 +255,23 @@ def _onepass_kernel(
                 rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
                 if NEED_GW or not GIVEN_G:
-                    x = tl.load(x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
-                                mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                    x = tl.load(
+                        x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
+                        mask=mask_n[:, None] & mask_d[None, :],
+                        other=0,
+                    ).to(ACC)
                 if GIVEN_G:
-                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
+                        ACC
+                    )
                 else:
                     if USE_DOT:
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                     else:
                         pred = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
+                        ACC
+                    )
                     r = pred - y
                     if HAS_BIAS:
                         r = r + b[None, :]
@@ -220,16 +284,21 @@ def _onepass_kernel(
                         g = r
                     acc_l += g * r
                     if NEED_GT:
-                        tl.store(gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
-                                 cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET), mask=m2)
+                        tl.store(
+                            gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
+                            cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET),
+                            mask=m2,
+                        )
                     if NEED_GX:
                         if USE_DOT:
                             gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
                         else:
                             gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
-                        tl.store(gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
-                                 cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
-                                 mask=mask_n[:, None] & mask_d[None, :])
+                        tl.store(
+                            gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
+                            cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
+                            mask=mask_n[:, None] & mask_d[None, :],
+                        )
                 if NEED_GW:
                     if USE_DOT:
                         acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
@@ -242,35 +311,53 @@ def _onepass_kernel(
                     part = acc_w
                 else:
                     part = tl.sum(acc_w, axis=0)
-                tl.store(ws_w_ptr + ws_row + offs_o[:, None] * D + offs_d[None, :], part,
-                         mask=mask_o[:, None] & mask_d[None, :])
+                tl.store(
+                    ws_w_ptr + ws_row + offs_o[:, None] * D + offs_d[None, :],
+                    part,
+                    mask=mask_o[:, None] & mask_d[None, :],
+                )
         else:
             # ---- wide rows: residual over D chunks, then a second (cache-hot) walk for dW / grad_input.
             # The dW partial lives in this program's workspace slice (read-modify-write by its owner).
             if NEED_GW:
                 for d0 in range(0, D, BLOCK_D):
                     dd = d0 + offs_d
-                    tl.store(ws_w_ptr + ws_row + offs_o[:, None] * D + dd[None, :],
-                             tl.zeros((BLOCK_O, BLOCK_D), ACC), mask=mask_o[:, None] & (dd < D)[None, :])
+                    tl.store(
+                        ws_w_ptr + ws_row + offs_o[:, None] * D + dd[None, :],
+                        tl.zeros((BLOCK_O, BLOCK_D), ACC),
+                        mask=mask_o[:, None] & (dd < D)[None, :],
+                    )
+                # the zeros must be visible to whichever thread of this program first adds to them
+                tl.debug_barrier()
             for t in range(pid, n_tiles, P):
                 rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
                 if GIVEN_G:
-                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
+                        ACC
+                    )
                 else:
                     pred = tl.zeros((BLOCK_N, BLOCK_O), ACC)
                     for d0 in range(0, D, BLOCK_D):
                         dd = d0 + offs_d
                         mask_d = dd < D
-                        x = tl.load(x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
-                                    mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
-                        w = tl.load(w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
-                                    mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)
+                        x = tl.load(
+                            x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
+                            mask=mask_n[:, None] & mask_d[None, :],
+                            other=0,
+                        ).to(ACC)
+                        w = tl.load(
+                            w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
+                            mask=mask_o[:, None] & mask_d[None, :],
+                            other=0,
+                        ).to(ACC)
                         if USE_DOT:
                             pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                         else:
                             pred += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(ACC)
+                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
+                        ACC
+                    )
                     r = pred - y
                     if HAS_BIAS:
                         r = r + b[None, :]
@@ -283,15 +370,21 @@ def _onepass_kernel(
                         g = r
                     acc_l += g * r
                     if NEED_GT:
-                        tl.store(gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
-                                 cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET), mask=m2)
+                        tl.store(
+                            gt_ptr + rows[:, None] * s_gtn + offs_o[None, :] * s_gto,
+                            cast_out(-(g * scale), gt_ptr.dtype.element_ty, INTERPRET),
+                            mask=m2,
+                        )
                 if NEED_GW or NEED_GX:
                     for d0 in range(0, D, BLOCK_D):
                         dd = d0 + offs_d
                         mask_d = dd < D
                         if NEED_GW:
-                            x = tl.load(x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
-                                        mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+                            x = tl.load(
+                                x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
+                                mask=mask_n[:, None] & mask_d[None, :],
+                                other=0,
+                            ).to(ACC)
                             if USE_DOT:
                                 c = tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                             else:
@@ -300,15 +393,20 @@ def _onepass_kernel(
                             wm = mask_o[:, None] & mask_d[None, :]
                             tl.store(wp, tl.load(wp, mask=wm, other=0) + c, mask=wm)
                         if NEED_GX and not GIVEN_G:
-                            w = tl.load(w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
-                                        mask=mask_o[:, None] & mask_d[None, :], other=0).to(ACC)
+                            w = tl.load(
+                                w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
+                                mask=mask_o[:, None] & mask_d[None, :],
+                                other=0,
+                            ).to(ACC)
                             if USE_DOT:
                                 gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
                             else:
                                 gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
-                            tl.store(gx_ptr + rows[:, None] * s_gxn + dd[None, :] * s_gxd,
-                                     cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
-                                     mask=mask_n[:, None] & mask_d[None, :])
+                            tl.store(
+                                gx_ptr + rows[:, None] * s_gxn + dd[None, :] * s_gxd,
+                                cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
+                                mask=mask_n[:, None] & mask_d[None, :],
+                            )
                 if NEED_GB:
                     acc_b += g
         if NEED_GB:
@@ -337,17 +435,53 @@ def _sum_partials(ptr, n, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _reduce_kernel(
-    ws_w_ptr, ws_b_ptr, ws_loss_ptr, ws_wsum_ptr,
-    w_ptr, b_ptr, wm_ptr, bm_ptr,
-    loss_ptr, stage_ptr, ok_ptr, flag_ptr, stats_ptr,
-    P, NL, O, D, NWB,
-    s_wo, s_wd, s_b, s_wmo, s_wmd, s_bm,
-    n_rows: tl.float64, grad_scale: tl.float64, loss_div: tl.float64,
-    lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64,
-    MODE: tl.constexpr, TRAIN_LOSS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SW: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr, HAS_FLAG: tl.constexpr, WRITE_LOSS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr,
+    ws_w_ptr,
+    ws_b_ptr,
+    ws_loss_ptr,
+    ws_wsum_ptr,
+    w_ptr,
+    b_ptr,
+    wm_ptr,
+    bm_ptr,
+    loss_ptr,
+    stage_ptr,
+    ok_ptr,
+    flag_ptr,
+    stats_ptr,
+    P,
+    NL,
+    O,
+    D,
+    NWB,
+    s_wo,
+    s_wd,
+    s_b,
+    s_wmo,
+    s_wmd,
+    s_bm,
+    n_rows: tl.float64,
+    grad_scale: tl.float64,
+    loss_div: tl.float64,
+    lr: tl.float64,
+    momentum: tl.float64,
+    dampening: tl.float64,
+    weight_decay: tl.float64,
+    MODE: tl.constexpr,
+    TRAIN_LOSS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if HAS_SW:  # every program reduces the sample-weight total itself, in the same order
@@ -384,12 +518,17 @@ def _reduce_kernel(
     acc = tl.zeros((BLOCK,), ACC)
     for p0 in range(0, P, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
-        v = tl.load(ws_ptr[None, :] + tl.cast(pp[:, None], tl.int64) * ws_stride,
-                    mask=(pp < P)[:, None] & mask[None, :], other=0)
+        v = tl.load(
+            ws_ptr[None, :] + tl.cast(pp[:, None], tl.int64) * ws_stride,
+            mask=(pp < P)[:, None] & mask[None, :],
+            other=0,
+        )
         acc += tl.sum(v, axis=0)
 
     if MODE == 0:
-        tl.store(p_ptrs, cast_out(acc * scalar(grad_scale, ACC), p_ptrs.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(
+            p_ptrs, cast_out(acc * scalar(grad_scale, ACC), p_ptrs.dtype.element_ty, INTERPRET), mask=mask
+        )
     else:
         g = acc * (2.0 / denom)
         p = tl.load(p_ptrs, mask=mask, other=0).to(ACC)
@@ -401,7 +540,10 @@ def _reduce_kernel(
             if FIRST_STEP:
                 buf = g
             else:
-                buf = tl.load(m_ptrs, mask=mask, other=0).to(ACC) * scalar(momentum, ACC) + scalar(1.0 - dampening, ACC) * g
+                buf = (
+                    tl.load(m_ptrs, mask=mask, other=0).to(ACC) * scalar(momentum, ACC)
+                    + scalar(1.0 - dampening, ACC) * g
+                )
             if NESTEROV:
                 g = g + scalar(momentum, ACC) * buf
             else:
@@ -437,10 +579,32 @@ def _reduce_kernel(
 
 @triton.jit
 def _commit_kernel(
-    stage_ptr, ok_ptr, n_ok, w_ptr, b_ptr, wm_ptr, bm_ptr, flag_ptr, stats_ptr, hacc_ptr, hist_ptr,
-    epoch, is_last, O, D, NWB,
-    s_wo, s_wd, s_b, s_wmo, s_wmd, s_bm,
-    HAS_B: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OK: tl.constexpr,
+    stage_ptr,
+    ok_ptr,
+    n_ok,
+    w_ptr,
+    b_ptr,
+    wm_ptr,
+    bm_ptr,
+    flag_ptr,
+    stats_ptr,
+    hacc_ptr,
+    hist_ptr,
+    epoch,
+    is_last,
+    O,
+    D,
+    NWB,
+    s_wo,
+    s_wd,
+    s_b,
+    s_wmo,
+    s_wmd,
+    s_bm,
+    HAS_B: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_OK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -465,8 +629,11 @@ def _commit_kernel(
         p_ptrs = w_ptr + o * s_wo + d * s_wd
         m_ptrs = wm_ptr + o * s_wmo + d * s_wmd
         st = e
-    tl.store(p_ptrs, cast_out(tl.load(stage_ptr + st, mask=mask, other=0), p_ptrs.dtype.element_ty, INTERPRET),
-             mask=mask)
+    tl.store(
+        p_ptrs,
+        cast_out(tl.load(stage_ptr + st, mask=mask, other=0), p_ptrs.dtype.element_ty, INTERPRET),
+        mask=mask,
+    )
     if HAS_MOMENTUM:
         v = tl.load(stage_ptr + OD + O + st, mask=mask, other=0)
         tl.store(m_ptrs, cast_out(v, m_ptrs.dtype.element_ty, INTERPRET), mask=mask)
@@ -526,8 +693,15 @@ def plan(n_rows: int, D: int, O: int, dtype: torch.dtype, device: torch.device) 
     P = K.persistent_programs(device, triton.cdiv(max(n_rows, 1), 16 if device.type == "cuda" else 64))
     # the (P, O, D) partials stay under WORKSPACE_BYTES (wide layers get fewer, longer programs)
     P = max(1, min(P, WORKSPACE_BYTES // max(1, O * D * (8 if acc == torch.float64 else 4))))
-    return Plan(P=P, NOB=triton.cdiv(max(O, 1), bo), BLOCK_O=bo, BLOCK_D=bd, USE_DOT=use_dot, ONE_CHUNK=D <= bd,
-                acc=acc)
+    return Plan(
+        P=P,
+        NOB=triton.cdiv(max(O, 1), bo),
+        BLOCK_O=bo,
+        BLOCK_D=bd,
+        USE_DOT=use_dot,
+        ONE_CHUNK=D <= bd,
+        acc=acc,
+    )
 
 
 @dataclass
@@ -551,34 +725,87 @@ def workspace(pl: Plan, O: int, D: int, device, need_w=True, need_b=True) -> Wor
 def _needs_int64(*ts) -> bool:
     """Whether an element offset into any of these tensors can reach 2^31 (then rows are int64)."""
     for t in ts:
-        if t is not None and t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1:
+        if (
+            t is not None
+            and t.numel()
+            and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1
+        ):
             return True
     return False
 
 
-def run_onepass(pl: Plan, ws: Workspace, x, y, w, b, *, n_rows, sw=None, idx=None, flag=None, gx=None, gt=None,
-                row_scale=1.0, given_g=False, need_gw=True, need_gb=True) -> None:
+def run_onepass(
+    pl: Plan,
+    ws: Workspace,
+    x,
+    y,
+    w,
+    b,
+    *,
+    n_rows,
+    sw=None,
+    idx=None,
+    flag=None,
+    gx=None,
+    gt=None,
+    row_scale=1.0,
+    given_g=False,
+    need_gw=True,
+    need_gb=True,
+) -> None:
     """Launch _onepass_kernel. x (rows, D) or the full x with idx (rows,) row indices; y (rows, O)
     target (or the given gradient when given_g); gx (rows, D) / gt (rows, O) optional outputs."""
     D, O = x.shape[1], (w.shape[0] if not given_g else y.shape[1])
     dummy = x
     K.launch(
-        _onepass_kernel, (pl.P, pl.NOB),
-        x, y, w if w is not None else dummy, b if b is not None else dummy, sw if sw is not None else dummy,
-        idx if idx is not None else dummy, flag if flag is not None else dummy,
-        gx if gx is not None else dummy, gt if gt is not None else dummy, ws.w, ws.b, ws.loss, ws.wsum,
-        n_rows, D, O,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
-        b.stride(0) if b is not None else 0, sw.stride(0) if sw is not None else 0,
-        gx.stride(0) if gx is not None else 0, gx.stride(1) if gx is not None else 0,
-        gt.stride(0) if gt is not None else 0, gt.stride(1) if gt is not None else 0,
+        _onepass_kernel,
+        (pl.P, pl.NOB),
+        x,
+        y,
+        w if w is not None else dummy,
+        b if b is not None else dummy,
+        sw if sw is not None else dummy,
+        idx if idx is not None else dummy,
+        flag if flag is not None else dummy,
+        gx if gx is not None else dummy,
+        gt if gt is not None else dummy,
+        ws.w,
+        ws.b,
+        ws.loss,
+        ws.wsum,
+        n_rows,
+        D,
+        O,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        w.stride(0) if w is not None else 0,
+        w.stride(1) if w is not None else 0,
+        b.stride(0) if b is not None else 0,
+        sw.stride(0) if sw is not None else 0,
+        gx.stride(0) if gx is not None else 0,
+        gx.stride(1) if gx is not None else 0,
+        gt.stride(0) if gt is not None else 0,
+        gt.stride(1) if gt is not None else 0,
         float(row_scale),
-        HAS_BIAS=b is not None, HAS_SW=sw is not None, GATHER=idx is not None, GIVEN_G=given_g,
-        HAS_FLAG=flag is not None, NEED_GW=need_gw, NEED_GB=need_gb, NEED_GX=gx is not None,
-        NEED_GT=gt is not None, USE_DOT=pl.USE_DOT, ONE_CHUNK=pl.ONE_CHUNK,
-        IDX64=_needs_int64(x, y, idx, sw, gx, gt), ACC=K.tl_acc(pl.acc),
-        PRECISION=K.input_precision(), INTERPRET=K.INTERPRET, BLOCK_D=pl.BLOCK_D, BLOCK_O=pl.BLOCK_O,
+        HAS_BIAS=b is not None,
+        HAS_SW=sw is not None,
+        GATHER=idx is not None,
+        GIVEN_G=given_g,
+        HAS_FLAG=flag is not None,
+        NEED_GW=need_gw,
+        NEED_GB=need_gb,
+        NEED_GX=gx is not None,
+        NEED_GT=gt is not None,
+        USE_DOT=pl.USE_DOT,
+        ONE_CHUNK=pl.ONE_CHUNK,
+        IDX64=_needs_int64(x, y, idx, sw, gx, gt),
+        ACC=K.tl_acc(pl.acc),
+        PRECISION=K.input_precision(),
+        INTERPRET=K.INTERPRET,
+        BLOCK_D=pl.BLOCK_D,
+        BLOCK_O=pl.BLOCK_O,
     )
 
 
@@ -595,9 +822,29 @@ def reduce_grid(O: int, D: int, has_w: bool, has_b: bool) -> tuple[int, int]:
     return nwb, max(1, nwb + nbb)
 
 
-def run_reduce(pl: Plan, ws: Workspace, O: int, D: int, *, mode: int, out_w=None, out_b=None, wm=None, bm=None,
-               loss=None, train_loss=False, loss_div=1.0, grad_scale=1.0, n_rows=0, has_sw=False, opts=None,
-               stage=None, ok=None, flag=None, stats=None) -> None:
+def run_reduce(
+    pl: Plan,
+    ws: Workspace,
+    O: int,
+    D: int,
+    *,
+    mode: int,
+    out_w=None,
+    out_b=None,
+    wm=None,
+    bm=None,
+    loss=None,
+    train_loss=False,
+    loss_div=1.0,
+    grad_scale=1.0,
+    n_rows=0,
+    has_sw=False,
+    opts=None,
+    stage=None,
+    ok=None,
+    flag=None,
+    stats=None,
+) -> None:
     """Launch _reduce_kernel (see the module docstring for the modes). opts: SGD options dict."""
     nwb, grid = reduce_grid(O, D, out_w is not None, out_b is not None)
     o = opts or {}
@@ -611,39 +858,114 @@ def run_reduce(pl: Plan, ws: Workspace, O: int, D: int, *, mode: int, out_w=None
         return t.stride(i) if t is not None else 0
 
     K.launch(
-        _reduce_kernel, (grid,),
-        ws.w, ws.b, ws.loss, ws.wsum, wt, bt, wmt, bmt,
-        loss if loss is not None else ref, stage if stage is not None else ref, ok if ok is not None else ref,
-        flag if flag is not None else ref, stats if stats is not None else ref,
-        pl.P, pl.P * pl.NOB, O, D, nwb,
-        st(out_w, 0), st(out_w, 1), st(out_b, 0), st(wm, 0), st(wm, 1), st(bm, 0),
-        float(n_rows), float(grad_scale), float(loss_div),
-        float(o.get("lr", 0.0)), float(o.get("momentum", 0.0)), float(o.get("dampening", 0.0)),
+        _reduce_kernel,
+        (grid,),
+        ws.w,
+        ws.b,
+        ws.loss,
+        ws.wsum,
+        wt,
+        bt,
+        wmt,
+        bmt,
+        loss if loss is not None else ref,
+        stage if stage is not None else ref,
+        ok if ok is not None else ref,
+        flag if flag is not None else ref,
+        stats if stats is not None else ref,
+        pl.P,
+        pl.P * pl.NOB,
+        O,
+        D,
+        nwb,
+        st(out_w, 0),
+        st(out_w, 1),
+        st(out_b, 0),
+        st(wm, 0),
+        st(wm, 1),
+        st(bm, 0),
+        float(n_rows),
+        float(grad_scale),
+        float(loss_div),
+        float(o.get("lr", 0.0)),
+        float(o.get("momentum", 0.0)),
+        float(o.get("dampening", 0.0)),
         float(o.get("weight_decay", 0.0)),
-        MODE=mode, TRAIN_LOSS=train_loss, HAS_W=out_w is not None, HAS_B=out_b is not None, HAS_SW=has_sw,
-        HAS_MOMENTUM=o.get("momentum", 0.0) != 0, HAS_WD=o.get("weight_decay", 0.0) != 0,
-        NESTEROV=bool(o.get("nesterov", False)), MAXIMIZE=bool(o.get("maximize", False)),
-        FIRST_STEP=bool(o.get("first_step", False)), HAS_FLAG=flag is not None, WRITE_LOSS=loss is not None,
-        ACC=K.tl_acc(pl.acc), BLOCK=REDUCE_BLOCK, BLOCK_P=_block_p(pl.P), INTERPRET=K.INTERPRET,
+        MODE=mode,
+        TRAIN_LOSS=train_loss,
+        HAS_W=out_w is not None,
+        HAS_B=out_b is not None,
+        HAS_SW=has_sw,
+        HAS_MOMENTUM=o.get("momentum", 0.0) != 0,
+        HAS_WD=o.get("weight_decay", 0.0) != 0,
+        NESTEROV=bool(o.get("nesterov", False)),
+        MAXIMIZE=bool(o.get("maximize", False)),
+        FIRST_STEP=bool(o.get("first_step", False)),
+        HAS_FLAG=flag is not None,
+        WRITE_LOSS=loss is not None,
+        ACC=K.tl_acc(pl.acc),
+        BLOCK=REDUCE_BLOCK,
+        BLOCK_P=_block_p(pl.P),
+        INTERPRET=K.INTERPRET,
         num_warps=4,
     )
 
 
-def run_commit(pl: Plan, O: int, D: int, *, stage, ok, n_ok, w, b, wm, bm, flag, stats, hacc, hist, epoch,
-               is_last, has_momentum) -> None:
+def run_commit(
+    pl: Plan,
+    O: int,
+    D: int,
+    *,
+    stage,
+    ok,
+    n_ok,
+    w,
+    b,
+    wm,
+    bm,
+    flag,
+    stats,
+    hacc,
+    hist,
+    epoch,
+    is_last,
+    has_momentum,
+) -> None:
     nwb, grid = reduce_grid(O, D, True, b is not None)
     bt = b if b is not None else w
     wmt = wm if wm is not None else w
     bmt = bm if bm is not None else bt
     K.launch(
-        _commit_kernel, (grid,),
-        stage, ok, n_ok, w, bt, wmt, bmt, flag, stats, hacc, hist,
-        epoch, int(is_last), O, D, nwb,
-        w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
-        wm.stride(0) if wm is not None else 0, wm.stride(1) if wm is not None else 0,
+        _commit_kernel,
+        (grid,),
+        stage,
+        ok,
+        n_ok,
+        w,
+        bt,
+        wmt,
+        bmt,
+        flag,
+        stats,
+        hacc,
+        hist,
+        epoch,
+        int(is_last),
+        O,
+        D,
+        nwb,
+        w.stride(0),
+        w.stride(1),
+        b.stride(0) if b is not None else 0,
+        wm.stride(0) if wm is not None else 0,
+        wm.stride(1) if wm is not None else 0,
         bm.stride(0) if bm is not None else 0,
-        HAS_B=b is not None, HAS_MOMENTUM=has_momentum, BLOCK=REDUCE_BLOCK, BLOCK_OK=K.next_pow2(n_ok),
-        INTERPRET=K.INTERPRET, num_warps=4,
+        HAS_B=b is not None,
+        HAS_MOMENTUM=has_momentum,
+        BLOCK=REDUCE_BLOCK,
+        BLOCK_OK=K.next_pow2(n_ok),
+        INTERPRET=K.INTERPRET,
+        num_warps=4,
     )
 
 

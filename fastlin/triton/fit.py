@@ -12,6 +12,8 @@ Every kernel of a later step reads "stopped" and does nothing, so the first non-
 the loop exactly as csrc/ops.cpp says: parameters keep their last finite values, the history is NaN
 from that epoch on. Shuffled orders come from torch.randperm(N, generator=<generator on input's
 device seeded with seed>) per epoch, as in the reference (same generator, same permutations).
+torch.compile calls fit as one opaque op (see fastlin/triton/__init__.py): tracing into it would
+unroll the whole loop into the graph.
 """
 
 from __future__ import annotations
@@ -28,14 +30,41 @@ from fastlin.triton.train_step import check_train
 
 @triton_op("fastlin_triton::fit", mutates_args=("weight", "bias", "weight_momentum", "bias_momentum"))
 def fit(
-    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    weight_momentum: Optional[torch.Tensor], bias_momentum: Optional[torch.Tensor],
-    sample_weight: Optional[torch.Tensor], epochs: int, batch_size: int, shuffle: bool, seed: int, lr: float,
-    momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight_momentum: Optional[torch.Tensor],
+    bias_momentum: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
 ) -> torch.Tensor:
     """-> per-epoch loss history (epochs,), float32 (float64 for float64 input), on input's device."""
-    check_train("fit", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr, momentum,
-                dampening, weight_decay, nesterov)
+    check_train(
+        "fit",
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+    )
     if epochs < 0:
         raise ValueError(f"fastlin.fit: epochs must be >= 0, got {epochs}")
     N, D = input.shape
@@ -62,8 +91,14 @@ def fit(
     if shuffled:
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed)
-    opts = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                maximize=maximize)
+    opts = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
     step = 0
     for e in range(epochs):
         order = torch.randperm(N, generator=gen, device=dev) if shuffled else None
@@ -76,13 +111,56 @@ def fit(
             elif bs < N:
                 x, y = input[start : start + rows], target[start : start + rows]
                 sw = None if sample_weight is None else sample_weight[start : start + rows]
-            OP.run_onepass(pl, ws, x, y, weight, bias, n_rows=rows, sw=sw, idx=idx, flag=flag, need_gw=True,
-                           need_gb=has_b)
-            OP.run_reduce(pl, ws, O, D, mode=2, out_w=weight, out_b=bias, wm=wm, bm=bm, n_rows=rows,
-                          has_sw=sw is not None, opts={**opts, "first_step": first_step and step == 0},
-                          stage=stage, ok=ok, flag=flag, stats=stats)
-            OP.run_commit(pl, O, D, stage=stage, ok=ok, n_ok=n_ok, w=weight, b=bias, wm=wm, bm=bm, flag=flag,
-                          stats=stats, hacc=hacc, hist=hist, epoch=e, is_last=start + rows >= N,
-                          has_momentum=has_m)
+            OP.run_onepass(
+                pl,
+                ws,
+                x,
+                y,
+                weight,
+                bias,
+                n_rows=rows,
+                sw=sw,
+                idx=idx,
+                flag=flag,
+                need_gw=True,
+                need_gb=has_b,
+            )
+            OP.run_reduce(
+                pl,
+                ws,
+                O,
+                D,
+                mode=2,
+                out_w=weight,
+                out_b=bias,
+                wm=wm,
+                bm=bm,
+                n_rows=rows,
+                has_sw=sw is not None,
+                opts={**opts, "first_step": first_step and step == 0},
+                stage=stage,
+                ok=ok,
+                flag=flag,
+                stats=stats,
+            )
+            OP.run_commit(
+                pl,
+                O,
+                D,
+                stage=stage,
+                ok=ok,
+                n_ok=n_ok,
+                w=weight,
+                b=bias,
+                wm=wm,
+                bm=bm,
+                flag=flag,
+                stats=stats,
+                hacc=hacc,
+                hist=hist,
+                epoch=e,
+                is_last=start + rows >= N,
+                has_momentum=has_m,
+            )
             step += 1
     return hist

@@ -32,7 +32,9 @@ from fastlin.triton._common import cast_out, scalar
 def _configs():
     if K.INTERPRET:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8, 16, 32, 64, 128) for w in (4, 8)]
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8, 16, 32, 64, 128) for w in (4, 8)
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -53,17 +55,38 @@ def _prune(configs, named_args, **kwargs):
     return out if K.AUTOTUNE else out[:1]
 
 
-@triton.autotune(configs=_configs(), key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs(),
+    key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _linear_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr,
-    M, Nc, K,
-    s_am, s_ak, s_bk, s_bn, s_bias, s_cm, s_cn,
+    a_ptr,
+    b_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    Nc,
+    K,
+    s_am,
+    s_ak,
+    s_bk,
+    s_bn,
+    s_bias,
+    s_cm,
+    s_cn,
     alpha: tl.float64,
-    HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr, USE_DOT: tl.constexpr, NATIVE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    NATIVE: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """C (M, Nc) = alpha * A (M, K) @ B (K, Nc) + bias (Nc)."""
     pid_m = tl.program_id(0)
@@ -77,8 +100,12 @@ def _linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         mask_k = kk < K
-        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mask=mask_m[:, None] & mask_k[None, :], other=0)
-        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=mask_k[:, None] & mask_n[None, :], other=0)
+        a = tl.load(
+            a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mask=mask_m[:, None] & mask_k[None, :], other=0
+        )
+        b = tl.load(
+            b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=mask_k[:, None] & mask_n[None, :], other=0
+        )
         if USE_DOT:
             if NATIVE:  # bf16/fp16 x bf16/fp16: exact products, fp32 accumulation
                 acc += tl.dot(a, b, out_dtype=ACC)
@@ -90,12 +117,16 @@ def _linear_kernel(
         acc = acc * scalar(alpha, ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn * s_bias, mask=mask_n, other=0).to(ACC)[None, :]
-    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, cast_out(acc, c_ptr.dtype.element_ty, INTERPRET),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn,
+        cast_out(acc, c_ptr.dtype.element_ty, INTERPRET),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
-def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                alpha: float = 1.0) -> None:
+def matmul_into(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, alpha: float = 1.0
+) -> None:
     """out (M, Nc) = alpha * a (M, K) @ b (K, Nc) + bias (Nc,); any strides; fp32 (fp64) accumulation."""
     M, Kd = a.shape
     Nc = b.shape[1]
@@ -114,14 +145,32 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nc, bn))
 
     K.launch(
-        _linear_kernel, grid,
-        a, b, bias if bias is not None else a, out,
-        M, Nc, Kd,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0,
-        out.stride(0), out.stride(1),
+        _linear_kernel,
+        grid,
+        a,
+        b,
+        bias if bias is not None else a,
+        out,
+        M,
+        Nc,
+        Kd,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        out.stride(0),
+        out.stride(1),
         float(alpha),
-        HAS_BIAS=bias is not None, HAS_ALPHA=alpha != 1.0, USE_DOT=use_dot, NATIVE=native, ACC=K.tl_acc(a.dtype),
-        PRECISION=K.input_precision(), INTERPRET=K.INTERPRET, BLOCK_NC=bn, BLOCK_K=bk,
+        HAS_BIAS=bias is not None,
+        HAS_ALPHA=alpha != 1.0,
+        USE_DOT=use_dot,
+        NATIVE=native,
+        ACC=K.tl_acc(a.dtype),
+        PRECISION=K.input_precision(),
+        INTERPRET=K.INTERPRET,
+        BLOCK_NC=bn,
+        BLOCK_K=bk,
     )
 
 
@@ -159,8 +208,26 @@ def linear_backward(
     if (output_mask[1] or output_mask[2]) and O > 0:
         pl = OP.plan(N, D, O, input.dtype, input.device)
         ws = OP.workspace(pl, O, D, input.device, need_w=output_mask[1], need_b=output_mask[2])
-        OP.run_onepass(pl, ws, input, grad_output, None, None, n_rows=N, given_g=True, need_gw=output_mask[1],
-                       need_gb=output_mask[2])
-        OP.run_reduce(pl, ws, O, D, mode=0, out_w=gw if output_mask[1] else None,
-                      out_b=gb if output_mask[2] else None, grad_scale=1.0)
+        OP.run_onepass(
+            pl,
+            ws,
+            input,
+            grad_output,
+            None,
+            None,
+            n_rows=N,
+            given_g=True,
+            need_gw=output_mask[1],
+            need_gb=output_mask[2],
+        )
+        OP.run_reduce(
+            pl,
+            ws,
+            O,
+            D,
+            mode=0,
+            out_w=gw if output_mask[1] else None,
+            out_b=gb if output_mask[2] else None,
+            grad_scale=1.0,
+        )
     return gi, gw, gb

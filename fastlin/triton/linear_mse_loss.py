@@ -27,7 +27,11 @@ from fastlin.triton.linear import matmul_into
 
 @triton_op("fastlin_triton::linear_mse_loss", mutates_args=())
 def linear_mse_loss(
-    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor, reduction: str,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    reduction: str,
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss 0-d, grad_input (N, D), grad_weight (O, D), grad_bias (O,), grad_target (N, O)) for
@@ -56,13 +60,31 @@ def linear_mse_loss(
     split = m[0] and pl.NOB > 1  # grad_input needs every output of a row in one program
     r_buf = torch.empty((N, O), dtype=pl.acc, device=input.device) if split else None
     OP.run_onepass(
-        pl, ws, input, target, weight, bias, n_rows=N,
+        pl,
+        ws,
+        input,
+        target,
+        weight,
+        bias,
+        n_rows=N,
         gx=gi if m[0] and not split else None,
         gt=r_buf if split else (gt if m[3] else None),
-        row_scale=scale, need_gw=m[1], need_gb=m[2],
+        row_scale=scale,
+        need_gw=m[1],
+        need_gb=m[2],
     )
-    OP.run_reduce(pl, ws, O, D, mode=0, out_w=gw if m[1] else None, out_b=gb if m[2] else None, loss=loss,
-                  loss_div=float(numel) if mean else 1.0, grad_scale=scale)
+    OP.run_reduce(
+        pl,
+        ws,
+        O,
+        D,
+        mode=0,
+        out_w=gw if m[1] else None,
+        out_b=gb if m[2] else None,
+        loss=loss,
+        loss_div=float(numel) if mean else 1.0,
+        grad_scale=scale,
+    )
     if split:  # r_buf holds -scale * r
         matmul_into(gi, r_buf, weight, alpha=-1.0)
         if m[3]:

@@ -26,7 +26,9 @@ def _block() -> int:
 
 
 @triton.jit
-def _mse_none_kernel(x_ptr, t_ptr, out_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _mse_none_kernel(
+    x_ptr, t_ptr, out_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr
+):
     offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     d = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - tl.load(t_ptr + offs, mask=mask, other=0).to(ACC)
@@ -40,14 +42,17 @@ def _mse_partial_kernel(x_ptr, t_ptr, ws_ptr, n, ACC: tl.constexpr, BLOCK: tl.co
     for blk in range(pid, tl.cdiv(n, BLOCK), tl.num_programs(0)):
         offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        d = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - tl.load(t_ptr + offs, mask=mask, other=0).to(ACC)
+        d = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - tl.load(t_ptr + offs, mask=mask, other=0).to(
+            ACC
+        )
         acc += d * d
     tl.store(ws_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _mse_finish_kernel(ws_ptr, out_ptr, P, div: tl.float64, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                       INTERPRET: tl.constexpr):
+def _mse_finish_kernel(
+    ws_ptr, out_ptr, P, div: tl.float64, ACC: tl.constexpr, BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr
+):
     acc = tl.zeros((BLOCK_P,), ACC)
     for p0 in range(0, P, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
@@ -56,8 +61,18 @@ def _mse_finish_kernel(ws_ptr, out_ptr, P, div: tl.float64, ACC: tl.constexpr, B
 
 
 @triton.jit
-def _mse_backward_kernel(x_ptr, t_ptr, go_ptr, out_ptr, n, scale: tl.float64, GO_SCALAR: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _mse_backward_kernel(
+    x_ptr,
+    t_ptr,
+    go_ptr,
+    out_ptr,
+    n,
+    scale: tl.float64,
+    GO_SCALAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     d = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - tl.load(t_ptr + offs, mask=mask, other=0).to(ACC)
@@ -65,7 +80,9 @@ def _mse_backward_kernel(x_ptr, t_ptr, go_ptr, out_ptr, n, scale: tl.float64, GO
         go = tl.load(go_ptr).to(ACC)
     else:
         go = tl.load(go_ptr + offs, mask=mask, other=0).to(ACC)
-    tl.store(out_ptr + offs, cast_out(d * go * scalar(scale, ACC), out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(
+        out_ptr + offs, cast_out(d * go * scalar(scale, ACC), out_ptr.dtype.element_ty, INTERPRET), mask=mask
+    )
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -84,8 +101,17 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch
     if reduction == "none":
         out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
         if n:
-            K.launch(_mse_none_kernel, (triton.cdiv(n, blk),), x, t, out, n, ACC=K.tl_acc(acc), BLOCK=blk,
-                     INTERPRET=K.INTERPRET)
+            K.launch(
+                _mse_none_kernel,
+                (triton.cdiv(n, blk),),
+                x,
+                t,
+                out,
+                n,
+                ACC=K.tl_acc(acc),
+                BLOCK=blk,
+                INTERPRET=K.INTERPRET,
+            )
         return out
     P = K.persistent_programs(input.device, triton.cdiv(max(n, 1), blk))
     ws = torch.empty((P,), dtype=acc, device=input.device)
@@ -93,14 +119,24 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch
     K.launch(_mse_partial_kernel, (P,), x, t, ws, n, ACC=K.tl_acc(acc), BLOCK=blk)
     # mean of nothing is NaN (0 / 0), like torch
     div = float(n) if reduction == "mean" else 1.0
-    K.launch(_mse_finish_kernel, (1,), ws, out, P, div, ACC=K.tl_acc(acc), BLOCK_P=min(K.next_pow2(P), 1024),
-             INTERPRET=K.INTERPRET)
+    K.launch(
+        _mse_finish_kernel,
+        (1,),
+        ws,
+        out,
+        P,
+        div,
+        ACC=K.tl_acc(acc),
+        BLOCK_P=min(K.next_pow2(P), 1024),
+        INTERPRET=K.INTERPRET,
+    )
     return out
 
 
 @triton_op("fastlin_triton::mse_loss_backward", mutates_args=())
-def mse_loss_backward(grad_output: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
-                      reduction: str) -> torch.Tensor:
+def mse_loss_backward(
+    grad_output: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str
+) -> torch.Tensor:
     """d loss / d input times grad_output (0-d, or input-shaped for "none"): (input - target) * grad_output
     * (2 / numel for "mean", else 2)."""
     op = "mse_loss_backward"
@@ -121,6 +157,18 @@ def mse_loss_backward(grad_output: torch.Tensor, input: torch.Tensor, target: to
     scale = 2.0 / n if reduction == "mean" else 2.0
     blk = _block()
     go = _flat(grad_output)
-    K.launch(_mse_backward_kernel, (triton.cdiv(n, blk),), _flat(input), _flat(target), go, out, n, scale,
-             GO_SCALAR=not elementwise, ACC=K.tl_acc(input.dtype), BLOCK=blk, INTERPRET=K.INTERPRET)
+    K.launch(
+        _mse_backward_kernel,
+        (triton.cdiv(n, blk),),
+        _flat(input),
+        _flat(target),
+        go,
+        out,
+        n,
+        scale,
+        GO_SCALAR=not elementwise,
+        ACC=K.tl_acc(input.dtype),
+        BLOCK=blk,
+        INTERPRET=K.INTERPRET,
+    )
     return out

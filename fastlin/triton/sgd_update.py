@@ -22,9 +22,27 @@ BLOCK = 1024
 
 
 @triton.jit
-def _sgd_slot(pid, start, end, p_ptr, g_ptr, m_ptr, n, lr, momentum, dampening, weight_decay,
-              HAS_MOMENTUM: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-              FIRST_STEP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _sgd_slot(
+    pid,
+    start,
+    end,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    n,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     if (pid >= start) & (pid < end):
         offs = tl.cast(pid - start, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -38,51 +56,254 @@ def _sgd_slot(pid, start, end, p_ptr, g_ptr, m_ptr, n, lr, momentum, dampening, 
             if FIRST_STEP:
                 buf = g
             else:
-                buf = tl.load(m_ptr + offs, mask=mask, other=0).to(ACC) * scalar(momentum, ACC) + scalar(1.0 - dampening, ACC) * g
+                buf = (
+                    tl.load(m_ptr + offs, mask=mask, other=0).to(ACC) * scalar(momentum, ACC)
+                    + scalar(1.0 - dampening, ACC) * g
+                )
             if NESTEROV:
                 g = g + scalar(momentum, ACC) * buf
             else:
                 g = buf
             tl.store(m_ptr + offs, cast_out(buf, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
-        tl.store(p_ptr + offs, cast_out(p - scalar(lr, ACC) * g, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(
+            p_ptr + offs, cast_out(p - scalar(lr, ACC) * g, p_ptr.dtype.element_ty, INTERPRET), mask=mask
+        )
 
 
 @triton.jit
 def _sgd_update_kernel(
-    p0, g0, m0, n0, p1, g1, m1, n1, p2, g2, m2, n2, p3, g3, m3, n3,
-    p4, g4, m4, n4, p5, g5, m5, n5, p6, g6, m6, n6, p7, g7, m7, n7,
-    s1, s2, s3, s4, s5, s6, s7, s8,
-    lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64,
-    NT: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    p0,
+    g0,
+    m0,
+    n0,
+    p1,
+    g1,
+    m1,
+    n1,
+    p2,
+    g2,
+    m2,
+    n2,
+    p3,
+    g3,
+    m3,
+    n3,
+    p4,
+    g4,
+    m4,
+    n4,
+    p5,
+    g5,
+    m5,
+    n5,
+    p6,
+    g6,
+    m6,
+    n6,
+    p7,
+    g7,
+    m7,
+    n7,
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    s6,
+    s7,
+    s8,
+    lr: tl.float64,
+    momentum: tl.float64,
+    dampening: tl.float64,
+    weight_decay: tl.float64,
+    NT: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """Tensor i owns programs [s_i, s_{i+1}) (s_0 = 0)."""
     pid = tl.program_id(0)
     opts_lr, opts_m, opts_d, opts_wd = lr, momentum, dampening, weight_decay
-    _sgd_slot(pid, 0, s1, p0, g0, m0, n0, opts_lr, opts_m, opts_d, opts_wd,
-              HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+    _sgd_slot(
+        pid,
+        0,
+        s1,
+        p0,
+        g0,
+        m0,
+        n0,
+        opts_lr,
+        opts_m,
+        opts_d,
+        opts_wd,
+        HAS_MOMENTUM,
+        HAS_WD,
+        NESTEROV,
+        MAXIMIZE,
+        FIRST_STEP,
+        ACC,
+        BLOCK,
+        INTERPRET,
+    )
     if NT > 1:
-        _sgd_slot(pid, s1, s2, p1, g1, m1, n1, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s1,
+            s2,
+            p1,
+            g1,
+            m1,
+            n1,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
     if NT > 2:
-        _sgd_slot(pid, s2, s3, p2, g2, m2, n2, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s2,
+            s3,
+            p2,
+            g2,
+            m2,
+            n2,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
     if NT > 3:
-        _sgd_slot(pid, s3, s4, p3, g3, m3, n3, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s3,
+            s4,
+            p3,
+            g3,
+            m3,
+            n3,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
     if NT > 4:
-        _sgd_slot(pid, s4, s5, p4, g4, m4, n4, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s4,
+            s5,
+            p4,
+            g4,
+            m4,
+            n4,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
     if NT > 5:
-        _sgd_slot(pid, s5, s6, p5, g5, m5, n5, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s5,
+            s6,
+            p5,
+            g5,
+            m5,
+            n5,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
     if NT > 6:
-        _sgd_slot(pid, s6, s7, p6, g6, m6, n6, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s6,
+            s7,
+            p6,
+            g6,
+            m6,
+            n6,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
     if NT > 7:
-        _sgd_slot(pid, s7, s8, p7, g7, m7, n7, opts_lr, opts_m, opts_d, opts_wd,
-                  HAS_MOMENTUM, HAS_WD, NESTEROV, MAXIMIZE, FIRST_STEP, ACC, BLOCK, INTERPRET)
+        _sgd_slot(
+            pid,
+            s7,
+            s8,
+            p7,
+            g7,
+            m7,
+            n7,
+            opts_lr,
+            opts_m,
+            opts_d,
+            opts_wd,
+            HAS_MOMENTUM,
+            HAS_WD,
+            NESTEROV,
+            MAXIMIZE,
+            FIRST_STEP,
+            ACC,
+            BLOCK,
+            INTERPRET,
+        )
 
 
 def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
@@ -103,17 +324,39 @@ def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, m
     if total == 0:
         return
     K.launch(
-        _sgd_update_kernel, (total,), *args, *starts, float(lr), float(momentum), float(dampening),
-        float(weight_decay), NT=len(ps), HAS_MOMENTUM=momentum != 0, HAS_WD=weight_decay != 0,
-        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), FIRST_STEP=bool(first_step),
-        ACC=K.tl_acc(ps[0].dtype), BLOCK=blk, INTERPRET=K.INTERPRET, num_warps=4,
+        _sgd_update_kernel,
+        (total,),
+        *args,
+        *starts,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        NT=len(ps),
+        HAS_MOMENTUM=momentum != 0,
+        HAS_WD=weight_decay != 0,
+        NESTEROV=bool(nesterov),
+        MAXIMIZE=bool(maximize),
+        FIRST_STEP=bool(first_step),
+        ACC=K.tl_acc(ps[0].dtype),
+        BLOCK=blk,
+        INTERPRET=K.INTERPRET,
+        num_warps=4,
     )
 
 
 @triton_op("fastlin_triton::sgd_update_", mutates_args=("params", "momentum_buffers"))
 def sgd_update_(
-    params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor], lr: float,
-    momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
 ) -> None:
     """In place, for each i: torch.optim.SGD's update of params[i] from grads[i] (and momentum_buffers[i],
     written and not read when first_step). momentum_buffers is empty when momentum == 0."""
@@ -146,8 +389,17 @@ def sgd_update_(
     for idx in by_dtype.values():
         for c in range(0, len(idx), SLOTS):
             chunk = idx[c : c + SLOTS]
-            _launch_group([ps[i] for i in chunk], [gs[i] for i in chunk],
-                          [ms[i] for i in chunk] if momentum_buffers else [], lr, momentum, dampening, weight_decay,
-                          nesterov, maximize, first_step)
+            _launch_group(
+                [ps[i] for i in chunk],
+                [gs[i] for i in chunk],
+                [ms[i] for i in chunk] if momentum_buffers else [],
+                lr,
+                momentum,
+                dampening,
+                weight_decay,
+                nesterov,
+                maximize,
+                first_step,
+            )
     for dst, src in back:
         dst.copy_(src)

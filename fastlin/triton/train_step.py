@@ -24,27 +24,87 @@ from fastlin.triton import _common as K
 from fastlin.triton import _onepass as OP
 
 
-def check_train(op, input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr, momentum,
-                dampening, weight_decay, nesterov) -> None:
-    C.check_train_args(op, input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr, momentum,
-                       dampening, weight_decay, nesterov)
-    K.check_devices(op, "input", input, target=target, weight=weight, bias=bias, weight_momentum=weight_momentum,
-                    bias_momentum=bias_momentum, sample_weight=sample_weight)
+def check_train(
+    op,
+    input,
+    target,
+    weight,
+    bias,
+    weight_momentum,
+    bias_momentum,
+    sample_weight,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+) -> None:
+    C.check_train_args(
+        op,
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+    )
+    K.check_devices(
+        op,
+        "input",
+        input,
+        target=target,
+        weight=weight,
+        bias=bias,
+        weight_momentum=weight_momentum,
+        bias_momentum=bias_momentum,
+        sample_weight=sample_weight,
+    )
     if input.shape[0] == 0:
-        raise ValueError(f"fastlin.{op}: input must have at least one row, got shape {C.shape_str(input.shape)}")
+        raise ValueError(
+            f"fastlin.{op}: input must have at least one row, got shape {C.shape_str(input.shape)}"
+        )
 
 
 @triton_op("fastlin_triton::train_step", mutates_args=("weight", "bias", "weight_momentum", "bias_momentum"))
 def train_step(
-    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    weight_momentum: Optional[torch.Tensor], bias_momentum: Optional[torch.Tensor],
-    sample_weight: Optional[torch.Tensor], lr: float, momentum: float, dampening: float, weight_decay: float,
-    nesterov: bool, maximize: bool, first_step: bool,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight_momentum: Optional[torch.Tensor],
+    bias_momentum: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
 ) -> torch.Tensor:
     """input (N, D), target (N, O), weight (O, D), bias (O,); updates weight/bias/buffers in place and
     returns the loss before the update (0-d, float32; float64 for float64 input)."""
-    check_train("train_step", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
-                momentum, dampening, weight_decay, nesterov)
+    check_train(
+        "train_step",
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+    )
     N, D = input.shape
     O = weight.shape[0]
     pl = OP.plan(N, D, O, input.dtype, input.device)
@@ -53,12 +113,42 @@ def train_step(
         loss.fill_(float("nan"))
         return loss
     ws = OP.workspace(pl, O, D, input.device, need_b=bias is not None)
-    OP.run_onepass(pl, ws, input, target, weight, bias, n_rows=N, sw=sample_weight, need_gw=True,
-                   need_gb=bias is not None)
+    OP.run_onepass(
+        pl,
+        ws,
+        input,
+        target,
+        weight,
+        bias,
+        n_rows=N,
+        sw=sample_weight,
+        need_gw=True,
+        need_gb=bias is not None,
+    )
     has_m = momentum != 0
-    opts = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                maximize=maximize, first_step=first_step)
-    OP.run_reduce(pl, ws, O, D, mode=1, out_w=weight, out_b=bias, wm=weight_momentum if has_m else None,
-                  bm=bias_momentum if has_m else None, loss=loss, train_loss=True, n_rows=N,
-                  has_sw=sample_weight is not None, opts=opts)
+    opts = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+    )
+    OP.run_reduce(
+        pl,
+        ws,
+        O,
+        D,
+        mode=1,
+        out_w=weight,
+        out_b=bias,
+        wm=weight_momentum if has_m else None,
+        bm=bias_momentum if has_m else None,
+        loss=loss,
+        train_loss=True,
+        n_rows=N,
+        has_sw=sample_weight is not None,
+        opts=opts,
+    )
     return loss

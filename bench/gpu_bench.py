@@ -346,13 +346,13 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
 
 
 def main() -> int:
+    if DEV == "cuda" and not torch.cuda.is_available():
+        log(f"torch {torch.__version__}: no CUDA device, nothing to bench (use --dry-run on a CPU)")
+        return 2
     log(
         f"torch {torch.__version__}, triton {_triton_version()}, device {DEV}"
         + (f" ({torch.cuda.get_device_name()})" if DEV == "cuda" else " (dry run: Triton interpreter)")
     )
-    if DEV == "cuda" and not torch.cuda.is_available():
-        log("no CUDA device: nothing to bench (use --dry-run on a CPU)")
-        return 2
     status = fastlin.backends.status()
     backends = []
     for be in ("triton", "cuda") if DEV == "cuda" else ("triton", "cpp"):

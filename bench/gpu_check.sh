@@ -14,6 +14,8 @@
 # The bench runs before the longer test stages so a slow build or test run cannot starve it.
 # Everything finishes within GPU_CHECK_BUDGET seconds (default 460, under the 8-minute limit); each
 # stage gets `timeout` with what is left after the later stages' reserve. The table comes last.
+# Environment: OUT (results dir), PYTHON (default python), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BUILD=1
+# (already installed), MAX_JOBS (build parallelism, default nproc).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -81,19 +83,40 @@ command -v compute-sanitizer >/dev/null || log "compute-sanitizer not on PATH"
 # ------------------------------------------------------------------------------------------------
 # build: with CUDA kernels; on failure fall back to a CPU-only build (schemas + C++ CPU kernels)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-stage build-cuda 200 250 env FASTLIN_BUILD_CUDA=1 FASTLIN_CUDA_ARCH_LIST=9.0 \
-    $PY -m pip install --no-build-isolation --no-deps -e . -q
-if ! $PY -c "import fastlin, sys; s = fastlin.backends.status(); sys.exit(0 if s['cuda'][0] else 1)" 2>/dev/null; then
-    log "cuda backend unavailable after the CUDA build; building CPU-only so the cpp backend and schemas exist"
-    stage build-cpu-fallback 120 250 env FASTLIN_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps -e . -q
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+    log "build skipped (GPU_CHECK_SKIP_BUILD=1)"; SUMMARY+=("build: skipped on request")
+else
+    stage build-cuda 200 250 env FASTLIN_BUILD_CUDA=1 FASTLIN_CUDA_ARCH_LIST=9.0 \
+        $PY -m pip install --no-build-isolation --no-deps -e . -q
+    if ! $PY -c "import fastlin, sys; sys.exit(0 if fastlin.backends.status()['cuda'][0] else 1)" 2>/dev/null; then
+        log "cuda backend unavailable after the CUDA build; building CPU-only so the cpp backend and schemas exist"
+        stage build-cpu-fallback 120 250 env FASTLIN_BUILD_CUDA=0 \
+            $PY -m pip install --no-build-isolation --no-deps -e . -q
+    fi
 fi
 $PY -c "import fastlin; fastlin.info()" 2>&1 || log "fastlin.info() failed"
 
 # ------------------------------------------------------------------------------------------------
 # Triton correctness on the GPU (no interpreter): every kernel against the float64 reference.
 # FASTLIN_TRITON_AUTOTUNE=0: one heuristic config per shape (autotuning every test shape costs minutes).
-stage triton-tests 150 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
-    $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/test_triton.py -x -rfEs
+# Four pytest processes on contiguous slices (bench/pytest_shard.py): the time goes into compiling
+# each kernel specialisation once, and one process compiles one at a time.
+SHARDS=${GPU_CHECK_SHARDS:-4}
+export PY SHARDS
+stage triton-tests 170 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
+    PYTHONPATH="$ROOT/bench:$PYTHONPATH" bash -c '
+    pids=""
+    tails() { for i in $(seq 0 $((SHARDS - 1))); do echo "-- shard $i/$SHARDS"; tail -25 /tmp/fastlin_triton_shard_$i.log; done; }
+    trap "kill \$pids 2>/dev/null; tails; exit 124" TERM INT
+    for i in $(seq 0 $((SHARDS - 1))); do
+        $PY -m pytest -q -p no:cacheprovider -p pytest_shard --shard $i/$SHARDS -m "not slow" \
+            -W ignore::DeprecationWarning tests/test_triton.py -x -rfE > /tmp/fastlin_triton_shard_$i.log 2>&1 &
+        pids="$pids $!"
+    done
+    rc=0
+    for p in $pids; do wait $p || rc=1; done
+    tails
+    exit $rc'
 
 # ------------------------------------------------------------------------------------------------
 # the bench (autotuning on): table written to $OUT and printed again at the very end
@@ -135,6 +158,8 @@ GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e 'test_cu
 if [ -n "$GENERIC" ]; then
     stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 \
         $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $GENERIC -k "cuda or triton" -rfEs
+else
+    log "no generic test files besides test_triton.py / test_cuda*.py"; SUMMARY+=("generic-gpu-tests: none present")
 fi
 
 # ------------------------------------------------------------------------------------------------

@@ -109,7 +109,9 @@ def _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N: tl.constexpr, GATHER: tl.con
     key=["D", "O", "BLOCK_D", "BLOCK_O", "USE_DOT", "ONE_CHUNK", "GATHER", "GIVEN_G", "NEED_GX", "NEED_GT"],
     prune_configs_by={"early_config_prune": _prune_onepass},
 )
-@triton.jit
+# n_rows changes with every batch (fit's last one is shorter) and only bounds loops and masks:
+# not specialised, so it never triggers a recompile.
+@triton.jit(do_not_specialize=["n_rows"])
 def _onepass_kernel(
     x_ptr,
     y_ptr,
@@ -433,7 +435,11 @@ def _sum_partials(ptr, n, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+# The reduce/commit kernels touch O*D + O elements: nothing to gain from specialising their sizes
+# and strides, and every distinct value would be another compile.
+@triton.jit(
+    do_not_specialize=["P", "NL", "O", "D", "NWB", "s_wo", "s_wd", "s_b", "s_wmo", "s_wmd", "s_bm"]
+)
 def _reduce_kernel(
     ws_w_ptr,
     ws_b_ptr,
@@ -577,7 +583,9 @@ def _reduce_kernel(
             tl.store(loss_ptr, cast_out(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["n_ok", "epoch", "is_last", "O", "D", "NWB", "s_wo", "s_wd", "s_b", "s_wmo", "s_wmd", "s_bm"]
+)
 def _commit_kernel(
     stage_ptr,
     ok_ptr,

@@ -60,7 +60,7 @@ def _prune(configs, named_args, **kwargs):
     key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE"],
     prune_configs_by={"early_config_prune": _prune},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_kernel(
     a_ptr,
     b_ptr,

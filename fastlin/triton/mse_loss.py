@@ -49,7 +49,7 @@ def _mse_partial_kernel(x_ptr, t_ptr, ws_ptr, n, ACC: tl.constexpr, BLOCK: tl.co
     tl.store(ws_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _mse_finish_kernel(
     ws_ptr, out_ptr, P, div: tl.float64, ACC: tl.constexpr, BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr
 ):

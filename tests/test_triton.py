@@ -264,6 +264,18 @@ def test_mse_loss_backward(device, shape, reduction, dtype):
 
 
 def test_mse_noncontiguous(device):
+    # every-other-column view: flattens to a stride-2 view, not a contiguous one
+    s = rand(257, 6, device=device)[:, ::2]
+    x = rand(257, 3, device=device)
+    check(T.mse_loss(s, noncontig(x), "none"), R.mse_loss(d64(s), d64(x), "none"), f32, "mse none, stride 2")
+    check(T.mse_loss(noncontig(x), s, "mean"), R.mse_loss(d64(x), d64(s), "mean"), f32, "mse mean, stride 2")
+    go = rand(257, 3, device=device)[:, :]
+    check(
+        T.mse_loss_backward(noncontig(go), s, x, "none"),
+        R.mse_loss_backward(d64(go), d64(s), d64(x), "none"),
+        f32,
+        "mse backward, stride 2",
+    )
     x, t = rand(257, 3, device=device), rand(257, 3, device=device)
     check(T.mse_loss(noncontig(x), t, "sum"), R.mse_loss(d64(x), d64(t), "sum"), f32, "mse sum")
     out = T.mse_loss(noncontig(x), t, "none")

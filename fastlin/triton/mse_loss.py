@@ -86,7 +86,9 @@ def _mse_backward_kernel(
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)  # a view when t is contiguous, else one copy
+    """t as a unit-stride 1-D tensor: a view when t is contiguous, else one copy. (Not reshape(-1):
+    evenly strided tensors, e.g. x[:, ::2], reshape to a strided view.)"""
+    return t.contiguous().view(-1)
 
 
 @triton_op("fastlin_triton::mse_loss", mutates_args=())

@@ -2,18 +2,23 @@
 
 Settings (module level, read at each call, so they can be changed at run time):
 
-* ``input_precision`` of ``tl.dot`` on float32 operands: ``"ieee"`` (default: true fp32 FMA, so the
+* ``input_precision`` of ``tl.dot`` on float32 operands: ``"ieee"`` (default: true fp32 FMAs, so the
   results hold the float32 tolerance of DESIGN.md, ~1e-7 relative), ``"tf32"`` (tensor cores,
   ~3e-4 relative, what torch does with ``allow_tf32``) or ``"tf32x3"`` (three TF32 products, close to
   fp32). Set with :func:`set_input_precision` or the environment variable
-  ``FASTLIN_TRITON_INPUT_PRECISION``. bf16/fp16 operands of the same dtype use their native
-  tensor-core dot (exact products, fp32 accumulation) whatever this says. Only the kernels with
-  ``O > 4`` outputs (or ``linear`` with >= 16 of them) use ``tl.dot`` at all: ``O <= 4`` runs on
-  FMAs, exact fp32 whatever the setting.
+  ``FASTLIN_TRITON_INPUT_PRECISION``. Only the paths with ``O > 4`` outputs use ``tl.dot`` (and
+  ``linear``/``grad_input`` with more than 4 columns on both sides); ``O <= 4`` runs on FMAs, exact fp32
+  whatever the setting. The one-pass kernels upcast bf16/fp16 ``x`` to fp32 before the dot (the
+  weights are fp32 master copies); ``linear`` with bf16/fp16 operands of one dtype uses their native
+  tensor-core dot (exact products, fp32 accumulation). With ``"ieee"`` and ``O = 16`` the two dots
+  cost about as much as reading ``x`` on an H100; ``"tf32x3"`` moves them to tensor cores.
 * ``PROGRAMS_PER_SM``: programs of the persistent one-pass kernels per streaming multiprocessor.
-* ``MAX_BLOCK_D`` / ``MAX_BLOCK_O``: the largest column tile kept whole in registers; wider rows
-  are walked in chunks (a second, cache-hot read of each row tile). Tests lower them to reach those
-  paths with small shapes.
+* ``MAX_BLOCK_D`` / ``MAX_BLOCK_D_DOT`` / ``MAX_BLOCK_O``: the widest rows kept whole in registers
+  and the outputs per program; wider rows are walked in chunks (a second, cache-hot read of each
+  row tile), more outputs split over programs. Tests lower them to reach those paths cheaply.
+Environment, read at import: ``FASTLIN_TRITON_AUTOTUNE=0`` (no benchmarking: the first, heuristic
+config per shape; for test runs on a GPU), ``FASTLIN_TRITON_OPAQUE=1`` (torch.compile calls the ops
+instead of tracing into their kernels), ``TRITON_INTERPRET=1`` (CPU tensors through the interpreter).
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ INTERPRET_PROGRAMS = 4  # the interpreter runs programs one after the other: few
 # FASTLIN_TRITON_AUTOTUNE=0: no benchmarking, the first (heuristic) config for each shape. For test
 # runs on a GPU, where every shape would otherwise be tuned; benchmarks leave it on.
 AUTOTUNE = os.environ.get("FASTLIN_TRITON_AUTOTUNE", "1") != "0"
+# FASTLIN_TRITON_OPAQUE=1: torch.compile calls every op as an opaque custom op instead of tracing into
+# its kernels (a fallback should a torch version fail to trace them; fit is always opaque).
+OPAQUE = os.environ.get("FASTLIN_TRITON_OPAQUE", "0") == "1"
 
 
 def set_input_precision(precision: str) -> None:
@@ -227,5 +235,5 @@ def opaque_under_interpreter(op) -> None:
     be traced, but an opaque op can, so torch.compile and opcheck's AOT test work on CPU tensors
     too (the compiled graph calls the op, which runs the interpreted kernels). On a GPU nothing
     changes: torch.compile sees through the op to the Triton kernels."""
-    if INTERPRET:
+    if INTERPRET or OPAQUE:
         make_opaque(op)

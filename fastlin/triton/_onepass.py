@@ -437,9 +437,7 @@ def _sum_partials(ptr, n, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
 
 # The reduce/commit kernels touch O*D + O elements: nothing to gain from specialising their sizes
 # and strides, and every distinct value would be another compile.
-@triton.jit(
-    do_not_specialize=["P", "NL", "O", "D", "NWB", "s_wo", "s_wd", "s_b", "s_wmo", "s_wmd", "s_bm"]
-)
+@triton.jit(do_not_specialize=["P", "NL", "O", "D", "NWB", "s_wo", "s_wd", "s_b", "s_wmo", "s_wmd", "s_bm"])
 def _reduce_kernel(
     ws_w_ptr,
     ws_b_ptr,
@@ -584,7 +582,20 @@ def _reduce_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["n_ok", "epoch", "is_last", "O", "D", "NWB", "s_wo", "s_wd", "s_b", "s_wmo", "s_wmd", "s_bm"]
+    do_not_specialize=[
+        "n_ok",
+        "epoch",
+        "is_last",
+        "O",
+        "D",
+        "NWB",
+        "s_wo",
+        "s_wd",
+        "s_b",
+        "s_wmo",
+        "s_wmd",
+        "s_bm",
+    ]
 )
 def _commit_kernel(
     stage_ptr,

@@ -109,7 +109,7 @@ stage triton-tests 170 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FAST
     tails() { for i in $(seq 0 $((SHARDS - 1))); do echo "-- shard $i/$SHARDS"; tail -25 /tmp/fastlin_triton_shard_$i.log; done; }
     trap "kill \$pids 2>/dev/null; tails; exit 124" TERM INT
     for i in $(seq 0 $((SHARDS - 1))); do
-        $PY -m pytest -q -p no:cacheprovider -p pytest_shard --shard $i/$SHARDS -m "not slow" \
+        $PY -m pytest -q -p no:cacheprovider -p pytest_shard --shard $i/$SHARDS \
             -W ignore::DeprecationWarning tests/test_triton.py -x -rfE > /tmp/fastlin_triton_shard_$i.log 2>&1 &
         pids="$pids $!"
     done

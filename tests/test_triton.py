@@ -603,20 +603,27 @@ def test_fit_epochs_zero_and_bad(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a CUDA device")
 def test_no_host_sync_on_cuda():
-    """train_step and fit launch without synchronising with the host (CUDA sync debug mode raises)."""
+    """train_step and fit launch without synchronising with the host (CUDA sync debug mode raises
+    on any synchronising call). N = 40000 keeps randperm on its device path (older torch drew
+    permutations of fewer than 30000 on the host)."""
     if not fastlin.backends.status()["triton"][0]:
         pytest.skip("triton backend unavailable")
     dev = "cuda"
-    x, y = rand(1000, 8, device=dev), rand(1000, 1, device=dev)
+    x, y = rand(40000, 8, device=dev), rand(40000, 1, device=dev)
     w, b = rand(1, 8, device=dev), rand(1, device=dev)
     args = (0.01, 0.0, 0.0, 0.0, False, False, False)
-    T.train_step(x, y, w, b, None, None, None, *args)  # first call: autotuning may synchronise
-    T.fit(x, y, w, b, None, None, None, 2, 100, True, 0, *args)
+
+    def run():
+        T.train_step(x, y, w, b, None, None, None, *args)
+        T.fit(x, y, w, b, None, None, None, 2, 0, True, 0, *args)  # full batch
+        T.fit(x, y, w, b, None, None, None, 2, 9000, False, 0, *args)  # batches in row order
+        T.fit(x, y, w, b, None, None, None, 2, 9000, True, 0, *args)  # shuffled batches (randperm)
+
+    run()  # first calls: autotuning synchronises
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        T.train_step(x, y, w, b, None, None, None, *args)
-        T.fit(x, y, w, b, None, None, None, 2, 100, True, 0, *args)
+        run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

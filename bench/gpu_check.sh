@@ -102,11 +102,14 @@ $PY -c "import fastlin; fastlin.info()" 2>&1 || log "fastlin.info() failed"
 # Four pytest processes on contiguous slices (bench/pytest_shard.py): the time goes into compiling
 # each kernel specialisation once, and one process compiles one at a time.
 SHARDS=${GPU_CHECK_SHARDS:-4}
-export PY SHARDS
+export PY SHARDS OUT_DIR
 stage triton-tests 170 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
     PYTHONPATH="$ROOT/bench:$PYTHONPATH" bash -c '
     pids=""
-    tails() { for i in $(seq 0 $((SHARDS - 1))); do echo "-- shard $i/$SHARDS"; tail -25 /tmp/fastlin_triton_shard_$i.log; done; }
+    tails() {
+        for i in $(seq 0 $((SHARDS - 1))); do echo "-- shard $i/$SHARDS"; tail -25 /tmp/fastlin_triton_shard_$i.log; done
+        [ -n "$OUT_DIR" ] && cp /tmp/fastlin_triton_shard_*.log "$OUT_DIR"/ 2>/dev/null
+    }
     trap "kill \$pids 2>/dev/null; tails; exit 124" TERM INT
     for i in $(seq 0 $((SHARDS - 1))); do
         $PY -m pytest -q -p no:cacheprovider -p pytest_shard --shard $i/$SHARDS \

@@ -83,4 +83,12 @@ TORCH_LIBRARY(fastlin, m) {
       " Tensor(c!)? weight_momentum, Tensor(d!)? bias_momentum, Tensor? sample_weight, int epochs,"
       " int batch_size, bool shuffle, int seed, float lr, float momentum, float dampening,"
       " float weight_decay, bool nesterov, bool maximize, bool first_step) -> Tensor");
+
+  // The augmented Gram matrix of the data, in one pass over `input`: with Z = [input, 1, target]
+  // (N, P), P = D + 1 + O, returns Z^T diag(sample_weight) Z, a symmetric (P, P) float64 matrix
+  // (float64 accumulation whatever the input dtype). Its blocks are X^T W X, X^T w, X^T W Y,
+  // sum(w), w^T Y and Y^T W Y: everything the normal equations (and the training loss of any
+  // (weight, bias)) need. Row chunks of one dataset may be summed. sample_weight (N,) defaults
+  // to ones; its values are not checked (negative weights give an indefinite matrix).
+  m.def("gram(Tensor input, Tensor target, Tensor? sample_weight) -> Tensor");
 }

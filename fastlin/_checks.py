@@ -175,3 +175,19 @@ def check_train_args(op, input, target, weight, bias, weight_momentum, bias_mome
         check_floating(op, "sample_weight", sample_weight)
         check_shape(op, "sample_weight", sample_weight, (input.shape[0],), "(N,)")
     check_sgd_options(op, lr, momentum, dampening, weight_decay, nesterov)
+
+
+def check_gram_args(op, input, target, sample_weight) -> None:
+    check_tensor(op, "input", input)
+    check_tensor(op, "target", target)
+    check_dim(op, "input", input, 2, "(N, in_features)")
+    check_dim(op, "target", target, 2, "(N, out_features)")
+    check_floating(op, "input", input)
+    check_same_dtype(op, "target", target, "input", input)
+    check_same_device(op, "target", target, "input", input)
+    check_shape(op, "target", target, (input.shape[0], target.shape[1]), "(N, out_features) with input's N")
+    if sample_weight is not None:
+        check_tensor(op, "sample_weight", sample_weight)
+        check_same_dtype(op, "sample_weight", sample_weight, "input", input)
+        check_same_device(op, "sample_weight", sample_weight, "input", input)
+        check_shape(op, "sample_weight", sample_weight, (input.shape[0],), "(N,)")

@@ -127,6 +127,21 @@ def fit(input, target, weight, bias=None, weight_momentum=None, bias_momentum=No
     )
 
 
+def gram(input, target, sample_weight=None, *, backend=None) -> torch.Tensor:
+    """Z^T diag(sample_weight) Z for Z = [input, 1, target]: float64 (D + 1 + O, D + 1 + O)."""
+    which = backends.resolve(backend, input.device)
+    if which != "reference" and not _has_gram_kernel(which):
+        which = "reference"
+    return impl("gram", which, input.device)(input, target, sample_weight)
+
+
+def _has_gram_kernel(which: str) -> bool:
+    # The C++ CPU kernel; the GPU backends have none and run the reference (chunked float64
+    # GEMMs on the device).
+    return which == "cpp" and backends.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastlin::gram", "CPU")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake implementations: shapes and dtypes only, with the same shape checks as the kernels.
 
@@ -192,6 +207,12 @@ def _register_fakes() -> None:
         C.check_train_args("fit", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
                            momentum, dampening, weight_decay, nesterov)
         return input.new_empty((epochs,), dtype=loss_dtype(input))
+
+    @torch.library.register_fake("fastlin::gram")
+    def _(input, target, sample_weight):
+        C.check_gram_args("gram", input, target, sample_weight)
+        p = input.shape[1] + 1 + target.shape[1]
+        return input.new_empty((p, p), dtype=torch.float64)
 
 
 if backends.extension_loaded():  # the schemas exist only when fastlin._C loaded

@@ -211,3 +211,22 @@ def fit(input, target, weight, bias, weight_momentum, bias_momentum, sample_weig
                 break
             history[e] = total / weight_total
     return history.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+
+
+# Rows per chunk of the reference gram: bounds its float64 copy of the data (~8 MB at D + O = 64).
+_GRAM_CHUNK = 1 << 14
+
+
+def gram(input, target, sample_weight):
+    """Z^T diag(w) Z with Z = [input, 1, target] (N, D + 1 + O), float64 (P, P); see csrc/ops.cpp."""
+    C.check_gram_args("gram", input, target, sample_weight)
+    N, D = input.shape
+    P = D + 1 + target.shape[1]
+    out = torch.zeros((P, P), dtype=torch.float64, device=input.device)
+    for i in range(0, N, _GRAM_CHUNK):
+        rows = slice(i, min(N, i + _GRAM_CHUNK))
+        ones = torch.ones((rows.stop - i, 1), dtype=torch.float64, device=input.device)
+        z = torch.cat([input[rows].double(), ones, target[rows].double()], dim=1)
+        zw = z if sample_weight is None else z * sample_weight[rows].double()[:, None]
+        out += zw.T @ z
+    return out

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fastlin import _checks as C
-from fastlin import backends, ops
+from fastlin import backends, distributed, ops, solvers
 from fastlin import functional as F
 
 __all__ = ["FusedLinearRegressor", "fit_block_epochs", "block_seed"]
@@ -64,6 +64,7 @@ def fit_block_epochs(n_rows: int, n_features: int) -> int:
 # a first chunk: rows*features per epoch plus ~4096 per step for the fixed cost of a step. Even
 # the first ATen version of the op does 2^24 of these in well under 2 s here.
 _SMALL_FIT_WORK = 1 << 24
+_SOLVERS = ("sgd", "normal", "lstsq")
 _PROGRESS_SECONDS = 2.0  # show a bar by default when the fit is estimated to take longer
 _CHUNK_SECONDS = 0.25  # with a bar, one op call per this much work
 
@@ -98,6 +99,8 @@ class FusedLinearRegressor(torch.nn.Module):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         backend: str = "auto",
+        solver: str = "sgd",
+        alpha: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -121,7 +124,12 @@ class FusedLinearRegressor(torch.nn.Module):
             raise ValueError(f"{name}: nesterov requires momentum > 0 and dampening == 0")
         if not all(math.isfinite(v) for v in (lr, momentum, weight_decay)):
             raise ValueError(f"{name}: lr, momentum and weight_decay must be finite")
+        if solver not in _SOLVERS:
+            raise ValueError(f"{name}: solver must be one of {', '.join(map(repr, _SOLVERS))}, got {solver!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"{name}: alpha must be a finite float >= 0, got {alpha!r}")
         backend = backends._validate(backend)
+        self.solver, self.alpha = solver, float(alpha)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
@@ -146,6 +154,9 @@ class FusedLinearRegressor(torch.nn.Module):
             self.register_buffer("weight_momentum", None)
             self.register_buffer("bias_momentum", None)
         self._first_step = True
+        self._gram: torch.Tensor | None = None  # exact solvers: the summed Gram matrix of the data seen
+        self._n_seen = 0  # rows behind _gram
+        self._stream_dtype: torch.dtype | None = None  # dtype of the x chunks streamed since the last fit
         self._y_1d: bool | None = None  # whether the last fit/step saw a 1-D y (the shape predict returns)
         backends.resolve(backend, self.weight.device)  # an unavailable backend fails here, not mid-fit
         self.reset_parameters()
@@ -159,18 +170,40 @@ class FusedLinearRegressor(torch.nn.Module):
             if self.bias_momentum is not None:
                 self.bias_momentum.zero_()
         self._first_step = True
+        self._gram, self._n_seen, self._stream_dtype = None, 0, None
 
     # -- state --------------------------------------------------------------------------------
 
     def get_extra_state(self):
-        # Host-side training state, saved in state_dict under "_extra_state".
-        return {"first_step": self._first_step, "y_1d": self._y_1d}
+        # Host-side training state, saved in state_dict under "_extra_state". The exact solvers'
+        # statistics travel here (not as buffers) because they exist only after a normal-solver
+        # fit/partial_fit: "gram" is the (D + 1 + O, D + 1 + O) float64 sum of the Gram matrices of
+        # every chunk seen (or None), so partial_fit resumes exactly after load_state_dict.
+        state = {"first_step": self._first_step, "y_1d": self._y_1d}
+        if self._gram is not None or self._stream_dtype is not None:
+            state.update(
+                gram=self._gram,
+                n_samples_seen=self._n_seen,
+                stream_dtype=None if self._stream_dtype is None else str(self._stream_dtype).replace("torch.", ""),
+            )
+        return state
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or "first_step" not in state:
             raise ValueError(f"fastlin.FusedLinearRegressor: unexpected extra state {state!r}")
+        gram = state.get("gram")
+        P = self.in_features + 1 + self.out_features
+        if gram is not None and (not isinstance(gram, torch.Tensor) or tuple(gram.shape) != (P, P)):
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor: the saved Gram matrix must have shape ({P}, {P}) "
+                f"(in_features + 1 + out_features), got {getattr(gram, 'shape', type(gram).__name__)}"
+            )
+        sd = state.get("stream_dtype")
         self._first_step = bool(state["first_step"])
         self._y_1d = state.get("y_1d")
+        self._gram = None if gram is None else gram.to(device=self.weight.device, dtype=torch.float64, copy=True)
+        self._n_seen = int(state.get("n_samples_seen", 0))
+        self._stream_dtype = None if sd is None else getattr(torch, sd)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -180,6 +213,10 @@ class FusedLinearRegressor(torch.nn.Module):
                 s += f", {k}={getattr(self, k)}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
+        if self.solver != "sgd":
+            s += f", solver={self.solver!r}"
+        if self.alpha != 0:
+            s += f", alpha={self.alpha}"
         return s
 
     # -- inputs -------------------------------------------------------------------------------
@@ -345,7 +382,7 @@ class FusedLinearRegressor(torch.nn.Module):
     def fit(
         self,
         x,
-        y,
+        y=None,
         *,
         epochs: int = 1000,
         batch_size: int | None = None,
@@ -369,6 +406,12 @@ class FusedLinearRegressor(torch.nn.Module):
         Raises FloatingPointError, naming the epoch and the first non-finite row of x / y /
         sample_weight if there is one, when a step's loss or updated parameters would be
         non-finite; the parameters and momentum then keep their values from before that step.
+
+        Exact solvers (solver="normal" | "lstsq"): one solve on all the data, ignoring epochs,
+        batch_size, shuffle, seed and progress; see ``_fit_exact``.
+
+        Batches: ``fit(batches, epochs=...)`` with y omitted takes an iterable (a list, a generator,
+        a torch.utils.data.DataLoader) of (x, y) or (x, y, sample_weight) batches; see ``_fit_batches``.
         Returns self."""
         name = "fastlin.FusedLinearRegressor.fit"
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
@@ -379,6 +422,10 @@ class FusedLinearRegressor(torch.nn.Module):
             raise ValueError(f"{name}: batch_size must be None or an int >= 1, got {batch_size!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"{name}: seed must be None or an int, got {type(seed).__name__}")
+        if y is None:
+            return self._fit_batches(x, epochs=epochs, sample_weight=sample_weight)
+        if self.solver != "sgd":
+            return self._fit_exact(x, y, sample_weight)
         x = self._x("fit", x, allow_low_precision=True)
         y, one_d = self._y("fit", y, x)
         sw = self._sample_weight("fit", sample_weight, x)
@@ -494,6 +541,261 @@ class FusedLinearRegressor(torch.nn.Module):
         if failed_at is not None:
             raise _non_finite_error(failed_at, epochs, x, y, sw, self)
         return self
+
+    # -- exact solvers and streaming ----------------------------------------------------------
+
+    def _exact_inputs(self, method: str, x, y, sample_weight):
+        """x, y, sample_weight -> tensors in the parameters' dtype (x never kept in bf16/fp16 under
+        float32 parameters, unlike the sgd path: ops.gram wants x, y and the weights in one dtype,
+        and rounding the sample weights to bf16 would change the problem)."""
+        x = self._x(method, x, allow_low_precision=False)
+        y, one_d = self._y(method, y, x)
+        sw = self._sample_weight(method, sample_weight, x)
+        return x, y, sw, one_d
+
+    def _global_gram(self, method: str, compute) -> torch.Tensor:
+        """compute() -> this process's Gram matrix; under torch.distributed, the sum over ranks."""
+        if not distributed.is_active():
+            return compute()
+        op, what = f"FusedLinearRegressor.{method}", "in_features (-1: that rank rejected its own data)"
+        try:
+            G = compute()
+        except Exception:
+            # This rank's data was rejected: take part in the check with -1 so every other rank
+            # raises too instead of waiting in the all_reduce, then raise our own error.
+            try:
+                distributed.check_same(op, what, -1)
+            except ValueError:
+                pass
+            raise
+        # Same shapes on every rank before summing (a mismatch raises on every rank, none hangs).
+        distributed.check_same(op, what, self.in_features)
+        distributed.check_same(op, "out_features", self.out_features)
+        distributed.all_reduce_sum_(G)  # every rank solves the same global normal equations
+        return G
+
+    def _solve_and_write(self, G: torch.Tensor) -> tuple[float, dict]:
+        """Solve from the Gram matrix G, then (only then) write weight/bias in the parameters'
+        dtype. -> (training loss of the written parameters, solve info)."""
+        W, b, info = solvers.solve_gram(G, self.in_features, alpha=self.alpha, fit_intercept=self.bias is not None)
+        self._write_params(W, b)
+        return float(solvers.gram_loss(G, self.in_features, self.weight, self.bias)), info
+
+    def _write_params(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        if not (bool(torch.isfinite(W).all()) and bool(torch.isfinite(b).all())):
+            raise FloatingPointError(
+                "fastlin.FusedLinearRegressor: the exact solve gave non-finite parameters (non-finite or "
+                "overflowing data); the model is unchanged"
+            )
+        self.weight.copy_(W.to(self.weight.dtype))
+        if self.bias is not None:
+            self.bias.copy_(b.to(self.bias.dtype))
+
+    def _set_fit_attrs(self, loss: float, x_dtype: torch.dtype, one_d: bool, **extra) -> None:
+        hist_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+        self.__dict__.update(
+            n_features_in_=self.in_features,
+            _y_1d=one_d,
+            seed_=None,
+            loss_history_=torch.tensor([loss], dtype=hist_dtype),
+            n_iter_=1,
+            **extra,
+        )
+
+    def _fit_exact(self, x, y, sample_weight) -> FusedLinearRegressor:
+        """solver="normal": one ops.gram pass over x, then solvers.solve_gram (Cholesky, or the
+        minimum-norm eigen solve with an IllConditionedWarning). solver="lstsq": solvers.lstsq on
+        the centred, weighted data in float64 (the accurate reference; single process only).
+
+        Starts afresh (forgets chunks streamed by partial_fit; keeps this fit's Gram matrix so that
+        partial_fit can continue). Sets loss_history_ = [training MSE of the final parameters],
+        n_iter_ = 1, n_samples_seen_, solve_info_."""
+        x, y, sw, one_d = self._exact_inputs("fit", x, y, sample_weight)
+        if self.solver == "lstsq":
+            if distributed.is_active():
+                raise NotImplementedError(
+                    "fastlin.FusedLinearRegressor.fit: solver='lstsq' needs all the data in one process; "
+                    "under torch.distributed use solver='normal' (Gram matrices summed over ranks)"
+                )
+            W, b = solvers.lstsq(x, y, sample_weight=sw, alpha=self.alpha, fit_intercept=self.bias is not None)
+            self._write_params(W, b)
+            loss = F.linear(x, self.weight, self.bias, backend=self.backend).double() - y.double()
+            w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if sw is None else sw.double()
+            loss = float((w[:, None] * loss.square()).sum() / (w.sum() * self.out_features))
+            self._gram, self._n_seen, self._stream_dtype = None, 0, None
+            self._set_fit_attrs(loss, x.dtype, one_d, n_samples_seen_=x.shape[0], solve_info_={"method": "lstsq"})
+            return self
+        G = self._global_gram("fit", lambda: ops.gram(x, y, sw, backend=self.backend))
+        loss, info = self._solve_and_write(G)
+        self._gram, self._n_seen, self._stream_dtype = G, x.shape[0], None
+        self._set_fit_attrs(loss, x.dtype, one_d, n_samples_seen_=x.shape[0], solve_info_=info)
+        return self
+
+    @torch.no_grad()
+    def partial_fit(self, x, y, sample_weight=None) -> FusedLinearRegressor:
+        """Train on one more chunk x (n, in_features), y (n,) or (n, out_features), sample_weight (n,).
+
+        solver="normal": adds the chunk's Gram matrix to the running sum (kept in the model and in
+        its state_dict) and re-solves, so after any number of chunks the model equals one ``fit``
+        on their concatenation. solver="sgd": one fused SGD step on the chunk (ops.train_step).
+        solver="lstsq" raises: it solves on all the data at once and keeps no statistics.
+
+        Every chunk must have the dtype of the first one since the last fit / reset_parameters().
+        A rejected chunk (shape, dtype, non-finite data) raises before anything is updated.
+        Sets loss_history_ = [training MSE over all chunks seen] (normal) or [the step's loss before
+        the update] (sgd). Returns self."""
+        name = "fastlin.FusedLinearRegressor.partial_fit"
+        if self.solver == "lstsq":
+            raise ValueError(
+                f"{name}: solver='lstsq' needs all the data at once (it never forms the Gram matrix); "
+                "use solver='normal' to stream chunks, or fit(x, y) with all the data"
+            )
+        xt = x if isinstance(x, torch.Tensor) else None
+        if xt is not None and self._stream_dtype is not None and xt.dtype != self._stream_dtype:
+            raise TypeError(
+                f"{name}: x has dtype {xt.dtype} but the earlier chunks had {self._stream_dtype}; every "
+                f"chunk must have the same dtype (convert it with x.to({self._stream_dtype}))"
+            )
+        in_dtype = xt.dtype if xt is not None else None
+        if self.solver == "sgd":
+            x = self._x("partial_fit", x, allow_low_precision=True)
+            y, one_d = self._y("partial_fit", y, x)
+            sw = self._sample_weight("partial_fit", sample_weight, x)
+            loss = self._checked_step("partial_fit", x, y, sw)
+            self._stream_dtype = in_dtype or self._stream_dtype
+            self._set_fit_attrs(loss, x.dtype, one_d)
+            return self
+        x, y, sw, one_d = self._exact_inputs("partial_fit", x, y, sample_weight)
+        G = self._global_gram("partial_fit", lambda: ops.gram(x, y, sw, backend=self.backend))
+        total = G if self._gram is None else self._gram.to(G.device) + G
+        loss, info = self._solve_and_write(total)  # raises before writing anything
+        self._gram, self._n_seen = total, self._n_seen + x.shape[0]
+        self._stream_dtype = in_dtype or self._stream_dtype
+        self._set_fit_attrs(loss, x.dtype, one_d, n_samples_seen_=self._n_seen, solve_info_=info)
+        return self
+
+    def _checked_step(self, method: str, x, y, sw) -> float:
+        """One fused step (ops.train_step) that is undone, with a FloatingPointError, when its loss
+        or the updated parameters are non-finite. -> the loss before the update."""
+        state = [t for t in (self.weight, self.bias, self.weight_momentum, self.bias_momentum) if t is not None]
+        saved = [t.clone() for t in state]
+        loss = ops.train_step(
+            x, y, self.weight, self.bias, self.weight_momentum, self.bias_momentum, sw,
+            first_step=self._first_step, **self._opts(),
+        )
+        lv = float(loss)
+        if not (math.isfinite(lv) and all(bool(torch.isfinite(t).all()) for t in state)):
+            for t, v in zip(state, saved):
+                t.copy_(v)
+            culprits = [(n, r) for n, t in (("x", x), ("y", y), ("sample_weight", sw))
+                        if (r := _first_non_finite_row(t)) is not None]
+            msg = f"fastlin.FusedLinearRegressor.{method}: non-finite loss or update"
+            msg += ("; first non-finite rows: " + ", ".join(f"{n}[{r}]" for n, r in culprits)) if culprits else (
+                f"; the data is finite, so the step diverged: lower lr (now {self.lr})")
+            raise FloatingPointError(msg + ". The parameters and momentum are unchanged.")
+        self.__dict__["_first_step"] = False
+        return lv
+
+    def _batches(self, data, index: int, batch, first_dtype):
+        """One batch (x, y) or (x, y, w) -> converted tensors; errors name the batch."""
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise TypeError(
+                f"fastlin.FusedLinearRegressor.fit: batch {index} must be a tuple (x, y) or (x, y, sample_weight), "
+                f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        bx = batch[0]
+        if isinstance(bx, torch.Tensor) and first_dtype is not None and bx.dtype != first_dtype:
+            raise TypeError(
+                f"fastlin.FusedLinearRegressor.fit: x of batch {index} has dtype {bx.dtype} but batch 0 had "
+                f"{first_dtype}; every batch must have the same dtype"
+            )
+        method = f"fit (batch {index})"
+        sw_in = batch[2] if len(batch) == 3 else None
+        if self.solver == "sgd":
+            x = self._x(method, bx, allow_low_precision=True)
+            y, one_d = self._y(method, batch[1], x)
+            return x, y, self._sample_weight(method, sw_in, x), one_d
+        return self._exact_inputs(method, bx, batch[1], sw_in)
+
+    def _fit_batches(self, data, *, epochs: int, sample_weight) -> FusedLinearRegressor:
+        """fit on an iterable of (x, y) or (x, y, sample_weight) batches (DataLoader, list, generator).
+
+        solver="normal": one pass summing each batch's Gram matrix, then one solve (epochs ignored);
+        the model changes only after the whole pass succeeded. solver="sgd": ``epochs`` passes, one
+        fused step per batch (iterating ``data`` afresh each epoch, so a one-shot iterator needs
+        epochs == 1); loss_history_ holds each epoch's mean step loss weighted by the batch's rows
+        (or sum of sample weights), like fit. A bad batch raises before its step; steps already
+        taken stay. solver="lstsq" raises (it needs all the data in memory)."""
+        name = "fastlin.FusedLinearRegressor.fit"
+        if sample_weight is not None:
+            raise ValueError(f"{name}: with batches, give sample weights inside them as (x, y, sample_weight)")
+        if isinstance(data, torch.Tensor) or hasattr(data, "__array__"):
+            raise ValueError(f"{name}: y is required when x is an array (or pass an iterable of (x, y) batches as x)")
+        try:
+            first_iter = iter(data)
+        except TypeError:
+            raise TypeError(
+                f"{name}: x must be a tensor/array (with y) or an iterable of (x, y[, sample_weight]) batches, "
+                f"got {type(data).__name__}"
+            ) from None
+        one_shot = first_iter is data
+        if self.solver == "lstsq":
+            raise ValueError(
+                f"{name}: solver='lstsq' needs all the data in memory: call fit(x, y), or use "
+                "solver='normal' to fit from batches"
+            )
+        if self.solver == "normal":
+            first_dtype, one_d, rows = None, None, 0
+
+            def accumulate():
+                nonlocal first_dtype, one_d, rows
+                G = None
+                for i, batch in enumerate(first_iter):
+                    x, y, sw, one_d = self._batches(data, i, batch, first_dtype)
+                    first_dtype = first_dtype or (batch[0].dtype if isinstance(batch[0], torch.Tensor) else None)
+                    g = ops.gram(x, y, sw, backend=self.backend)
+                    G = g if G is None else G + g
+                    rows += x.shape[0]
+                if G is None:
+                    raise ValueError(f"{name}: the iterable of batches is empty")
+                return G
+
+            G = self._global_gram("fit", accumulate)
+            loss, info = self._solve_and_write(G)
+            self._gram, self._n_seen, self._stream_dtype = G, rows, None
+            self._set_fit_attrs(loss, first_dtype or self.weight.dtype, one_d, n_samples_seen_=rows, solve_info_=info)
+            return self
+        # sgd
+        if one_shot and epochs > 1:
+            raise ValueError(
+                f"{name}: {type(data).__name__} is a one-shot iterator and cannot be read for {epochs} epochs; "
+                "pass a re-iterable (a list, a DataLoader) or epochs=1"
+            )
+        hist, first_dtype, one_d = [], None, None
+        for e in range(epochs):
+            it = first_iter if e == 0 else iter(data)
+            total = weight = 0.0
+            nb = 0
+            for i, batch in enumerate(it):
+                x, y, sw, one_d = self._batches(data, i, batch, first_dtype)
+                first_dtype = first_dtype or (batch[0].dtype if isinstance(batch[0], torch.Tensor) else None)
+                try:
+                    loss = self._checked_step(f"fit (epoch {e}, batch {i})", x, y, sw)
+                except FloatingPointError:
+                    self.__dict__.update(loss_history_=torch.tensor(hist, dtype=torch.float64), n_iter_=e)
+                    raise
+                wt = float(x.shape[0]) if sw is None else float(sw.double().sum())
+                total, weight, nb = total + loss * wt, weight + wt, nb + 1
+            if nb == 0:
+                raise ValueError(f"{name}: the iterable of batches is empty" + (f" in epoch {e}" if e else ""))
+            hist.append(total / weight)
+        hist_dtype = torch.float64 if first_dtype == torch.float64 else torch.float32
+        self.__dict__.update(
+            n_features_in_=self.in_features, _y_1d=one_d, seed_=None,
+            loss_history_=torch.tensor(hist, dtype=hist_dtype), n_iter_=epochs,
+        )
+        return self
+
 
 
 def _make_bar(total: int, done: int, parts):

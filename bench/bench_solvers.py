@@ -23,7 +23,6 @@ until the loss reaches the target, then the median time of a fit of exactly that
 from __future__ import annotations
 
 import argparse
-import math
 import time
 import warnings
 
@@ -44,14 +43,19 @@ def make_data(n, d, dtype, seed=0):
     for i in range(0, n, 1 << 16):  # in chunks: no float64 copy of the whole x
         xs = torch.randn(min(1 << 16, n - i), d, generator=g, dtype=torch.float64) * scale + mean
         x[i : i + xs.shape[0]] = xs.to(dtype)
-        y[i : i + xs.shape[0]] = (xs @ w + 0.7 + 0.5 * torch.randn(xs.shape[0], generator=g, dtype=torch.float64)).to(
-            dtype
-        )
+        y[i : i + xs.shape[0]] = (
+            xs @ w + 0.7 + 0.5 * torch.randn(xs.shape[0], generator=g, dtype=torch.float64)
+        ).to(dtype)
     return x, y
 
 
 def rel_err(W, b, ref):
-    got = torch.cat([torch.as_tensor(W, dtype=torch.float64).reshape(-1), torch.as_tensor(b, dtype=torch.float64).reshape(-1)])
+    got = torch.cat(
+        [
+            torch.as_tensor(W, dtype=torch.float64).reshape(-1),
+            torch.as_tensor(b, dtype=torch.float64).reshape(-1),
+        ]
+    )
     return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
 
 
@@ -70,6 +74,7 @@ def solver_case(n, d, dtype, repeats, log):
         def run(r):
             reg = fastlin.FusedLinearRegressor(d, 1, solver="normal", alpha=alpha, dtype=dtype).fit(x, y)
             out[f"normal{alpha}"] = (reg.weight.detach(), reg.bias.detach())
+
         return run
 
     def sk(alpha):
@@ -78,6 +83,7 @@ def solver_case(n, d, dtype, repeats, log):
         def run(r):
             est = (LinearRegression() if alpha == 0 else Ridge(alpha=alpha)).fit(xn, yn)
             out[f"sk{alpha}"] = (est.coef_, est.intercept_)
+
         return run
 
     def torch_lstsq(r):
@@ -112,13 +118,23 @@ def solver_case(n, d, dtype, repeats, log):
     rows = []
     for c in contenders:
         s = stats[c.name]
-        rows.append([
-            c.name, fmt_seconds(s.median), fmt_seconds(s.min), f"{s.median / read_t:.3g}x",
-            f"{sk_t / s.median:.3g}x", f"{errs[c.name]:.2e}" if c.name in errs else "",
-        ])
-    title = (f"N={n} D={d} {str(dtype)[6:]}  x = {x.nbytes / 2**20:.0f} MiB, one read "
-             f"{fmt_seconds(read_t)} ({lim.read_bandwidth / 1e9:.3g} GB/s), median of {repeats}")
-    table = format_table(["contender", "median", "min", "x one read", "vs sklearn LR", "rel err vs f64 lstsq"], rows)
+        rows.append(
+            [
+                c.name,
+                fmt_seconds(s.median),
+                fmt_seconds(s.min),
+                f"{s.median / read_t:.3g}x",
+                f"{sk_t / s.median:.3g}x",
+                f"{errs[c.name]:.2e}" if c.name in errs else "",
+            ]
+        )
+    title = (
+        f"N={n} D={d} {str(dtype)[6:]}  x = {x.nbytes / 2**20:.0f} MiB, one read "
+        f"{fmt_seconds(read_t)} ({lim.read_bandwidth / 1e9:.3g} GB/s), median of {repeats}"
+    )
+    table = format_table(
+        ["contender", "median", "min", "x one read", "vs sklearn LR", "rel err vs f64 lstsq"], rows
+    )
     return title + "\n" + table, x, y
 
 
@@ -137,8 +153,10 @@ def time_to_target(x, y, repeats, log, max_epochs):
     A = G[: d + 1, : d + 1] / G[d, d]
     L = 2 * float(torch.linalg.eigvalsh(A)[-1])
     rows = [["normal (exact)", "1 pass", fmt_seconds(sorted(t_normal)[len(t_normal) // 2]), f"{best:.6g}"]]
-    for label, kw in (("sgd full batch, lr=1/L", dict(lr=1 / L)),
-                      ("sgd batch 65536 shuffled, lr=0.5/L", dict(lr=0.5 / L, batch_size=65536))):
+    for label, kw in (
+        ("sgd full batch, lr=1/L", dict(lr=1 / L)),
+        ("sgd batch 65536 shuffled, lr=0.5/L", dict(lr=0.5 / L, batch_size=65536)),
+    ):
         bs = kw.pop("batch_size", None)
         torch.manual_seed(0)
         reg = fastlin.FusedLinearRegressor(d, 1, dtype=dtype, **kw)
@@ -164,8 +182,15 @@ def time_to_target(x, y, repeats, log, max_epochs):
         final = reg.evaluate(x, y)["mse"]
         rows.append([label, f"{hit} epochs", fmt_seconds(sorted(ts)[len(ts) // 2]), f"{final:.6g}"])
         log(f"  {label}: {hit} epochs")
-    title = f"time to training MSE <= {target:.6g} (= (1 + 1e-3) x the exact optimum), N={n} D={d} {str(dtype)[6:]}"
+    title = (
+        f"time to training MSE <= {target:.6g} (= (1 + 1e-3) x the exact optimum), "
+        f"N={n} D={d} {str(dtype)[6:]}"
+    )
     return title + "\n" + format_table(["method", "work", "median time", "final MSE"], rows)
+
+
+def _cpu_backend():
+    return fastlin.backends.resolve(None, "cpu")
 
 
 def main(argv=None):
@@ -182,9 +207,14 @@ def main(argv=None):
         print(msg, flush=True)
 
     info = machine_info()
-    log(f"# fastlin solvers bench  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpu: {info['cpu']}, "
-        f"{info['threads']} threads, torch {info['torch']}, load avg {info['load_average']:.2f}")
-    log(f"# ops.gram backend: {'cpp kernel' if fastlin.ops._has_gram_kernel(fastlin.backends.resolve(None, 'cpu')) else 'reference (chunked float64 GEMM)'}")
+    log(
+        f"# fastlin solvers bench  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpu: {info['cpu']}, "
+        f"{info['threads']} threads, torch {info['torch']}, load avg {info['load_average']:.2f}"
+    )
+    log(
+        "# ops.gram backend: "
+        + ("cpp kernel" if fastlin.ops._has_gram_kernel(_cpu_backend()) else "reference")
+    )
     warnings.simplefilter("ignore", category=UserWarning)
     t32, x, y = solver_case(n32, 64, torch.float32, repeats, log)
     log(t32 + "\n")

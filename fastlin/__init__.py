@@ -13,13 +13,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fastlin import backends  # noqa: E402  (loads fastlin._C, or warns once and falls back)
-from fastlin import autograd, functional, nn, ops, optim, reference  # noqa: E402
-from fastlin import solvers  # noqa: E402
+from fastlin import autograd, functional, nn, ops, optim, reference, solvers  # noqa: E402
 from fastlin.regressor import FusedLinearRegressor  # noqa: E402
 from fastlin.solvers import IllConditionedWarning, ridge_path  # noqa: E402
 
-__all__ = ["FusedLinearRegressor", "IllConditionedWarning", "autograd", "backends", "functional", "info", "nn", "ops", "optim", "reference",
-           "ridge_path", "solvers", "__version__"]
+__all__ = ["FusedLinearRegressor", "IllConditionedWarning", "autograd", "backends", "functional", "info",
+           "nn", "ops", "optim", "reference", "ridge_path", "solvers", "__version__"]
 
 
 def info(file=None) -> dict:

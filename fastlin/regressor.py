@@ -125,8 +125,11 @@ class FusedLinearRegressor(torch.nn.Module):
         if not all(math.isfinite(v) for v in (lr, momentum, weight_decay)):
             raise ValueError(f"{name}: lr, momentum and weight_decay must be finite")
         if solver not in _SOLVERS:
-            raise ValueError(f"{name}: solver must be one of {', '.join(map(repr, _SOLVERS))}, got {solver!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+            choices = ", ".join(map(repr, _SOLVERS))
+            raise ValueError(f"{name}: solver must be one of {choices}, got {solver!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
+            math.isfinite(alpha) and alpha >= 0
+        ):
             raise ValueError(f"{name}: alpha must be a finite float >= 0, got {alpha!r}")
         backend = backends._validate(backend)
         self.solver, self.alpha = solver, float(alpha)
@@ -181,11 +184,8 @@ class FusedLinearRegressor(torch.nn.Module):
         # every chunk seen (or None), so partial_fit resumes exactly after load_state_dict.
         state = {"first_step": self._first_step, "y_1d": self._y_1d}
         if self._gram is not None or self._stream_dtype is not None:
-            state.update(
-                gram=self._gram,
-                n_samples_seen=self._n_seen,
-                stream_dtype=None if self._stream_dtype is None else str(self._stream_dtype).replace("torch.", ""),
-            )
+            sd = None if self._stream_dtype is None else str(self._stream_dtype).replace("torch.", "")
+            state.update(gram=self._gram, n_samples_seen=self._n_seen, stream_dtype=sd)
         return state
 
     def set_extra_state(self, state) -> None:
@@ -201,7 +201,9 @@ class FusedLinearRegressor(torch.nn.Module):
         sd = state.get("stream_dtype")
         self._first_step = bool(state["first_step"])
         self._y_1d = state.get("y_1d")
-        self._gram = None if gram is None else gram.to(device=self.weight.device, dtype=torch.float64, copy=True)
+        if gram is not None:
+            gram = gram.to(device=self.weight.device, dtype=torch.float64, copy=True)
+        self._gram = gram
         self._n_seen = int(state.get("n_samples_seen", 0))
         self._stream_dtype = None if sd is None else getattr(torch, sd)
 
@@ -577,7 +579,8 @@ class FusedLinearRegressor(torch.nn.Module):
     def _solve_and_write(self, G: torch.Tensor) -> tuple[float, dict]:
         """Solve from the Gram matrix G, then (only then) write weight/bias in the parameters'
         dtype. -> (training loss of the written parameters, solve info)."""
-        W, b, info = solvers.solve_gram(G, self.in_features, alpha=self.alpha, fit_intercept=self.bias is not None)
+        fi = self.bias is not None
+        W, b, info = solvers.solve_gram(G, self.in_features, alpha=self.alpha, fit_intercept=fi)
         self._write_params(W, b)
         return float(solvers.gram_loss(G, self.in_features, self.weight, self.bias)), info
 
@@ -610,22 +613,31 @@ class FusedLinearRegressor(torch.nn.Module):
         Starts afresh (forgets chunks streamed by partial_fit; keeps this fit's Gram matrix so that
         partial_fit can continue). Sets loss_history_ = [training MSE of the final parameters],
         n_iter_ = 1, n_samples_seen_, solve_info_."""
-        x, y, sw, one_d = self._exact_inputs("fit", x, y, sample_weight)
         if self.solver == "lstsq":
+            x, y, sw, one_d = self._exact_inputs("fit", x, y, sample_weight)
             if distributed.is_active():
                 raise NotImplementedError(
                     "fastlin.FusedLinearRegressor.fit: solver='lstsq' needs all the data in one process; "
                     "under torch.distributed use solver='normal' (Gram matrices summed over ranks)"
                 )
-            W, b = solvers.lstsq(x, y, sample_weight=sw, alpha=self.alpha, fit_intercept=self.bias is not None)
+            fi = self.bias is not None
+            W, b = solvers.lstsq(x, y, sample_weight=sw, alpha=self.alpha, fit_intercept=fi)
             self._write_params(W, b)
             loss = F.linear(x, self.weight, self.bias, backend=self.backend).double() - y.double()
             w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if sw is None else sw.double()
             loss = float((w[:, None] * loss.square()).sum() / (w.sum() * self.out_features))
             self._gram, self._n_seen, self._stream_dtype = None, 0, None
-            self._set_fit_attrs(loss, x.dtype, one_d, n_samples_seen_=x.shape[0], solve_info_={"method": "lstsq"})
+            info = {"method": "lstsq"}
+            self._set_fit_attrs(loss, x.dtype, one_d, n_samples_seen_=x.shape[0], solve_info_=info)
             return self
-        G = self._global_gram("fit", lambda: ops.gram(x, y, sw, backend=self.backend))
+        got = {}
+
+        def local():  # validation inside: a rank rejecting its data still joins the check (no hang)
+            got["x"], y_, sw, got["one_d"] = self._exact_inputs("fit", x, y, sample_weight)
+            return ops.gram(got["x"], y_, sw, backend=self.backend)
+
+        G = self._global_gram("fit", local)
+        x, one_d = got["x"], got["one_d"]
         loss, info = self._solve_and_write(G)
         self._gram, self._n_seen, self._stream_dtype = G, x.shape[0], None
         self._set_fit_attrs(loss, x.dtype, one_d, n_samples_seen_=x.shape[0], solve_info_=info)
@@ -651,13 +663,17 @@ class FusedLinearRegressor(torch.nn.Module):
                 "use solver='normal' to stream chunks, or fit(x, y) with all the data"
             )
         xt = x if isinstance(x, torch.Tensor) else None
-        if xt is not None and self._stream_dtype is not None and xt.dtype != self._stream_dtype:
-            raise TypeError(
-                f"{name}: x has dtype {xt.dtype} but the earlier chunks had {self._stream_dtype}; every "
-                f"chunk must have the same dtype (convert it with x.to({self._stream_dtype}))"
-            )
         in_dtype = xt.dtype if xt is not None else None
+
+        def check_dtype():
+            if xt is not None and self._stream_dtype is not None and xt.dtype != self._stream_dtype:
+                raise TypeError(
+                    f"{name}: x has dtype {xt.dtype} but the earlier chunks had {self._stream_dtype}; every "
+                    f"chunk must have the same dtype (convert it with x.to({self._stream_dtype}))"
+                )
+
         if self.solver == "sgd":
+            check_dtype()
             x = self._x("partial_fit", x, allow_low_precision=True)
             y, one_d = self._y("partial_fit", y, x)
             sw = self._sample_weight("partial_fit", sample_weight, x)
@@ -665,8 +681,15 @@ class FusedLinearRegressor(torch.nn.Module):
             self._stream_dtype = in_dtype or self._stream_dtype
             self._set_fit_attrs(loss, x.dtype, one_d)
             return self
-        x, y, sw, one_d = self._exact_inputs("partial_fit", x, y, sample_weight)
-        G = self._global_gram("partial_fit", lambda: ops.gram(x, y, sw, backend=self.backend))
+        got = {}
+
+        def local():  # validation inside: a rank rejecting its chunk still joins the check (no hang)
+            check_dtype()
+            got["x"], y_, sw, got["one_d"] = self._exact_inputs("partial_fit", x, y, sample_weight)
+            return ops.gram(got["x"], y_, sw, backend=self.backend)
+
+        G = self._global_gram("partial_fit", local)
+        x, one_d = got["x"], got["one_d"]
         total = G if self._gram is None else self._gram.to(G.device) + G
         loss, info = self._solve_and_write(total)  # raises before writing anything
         self._gram, self._n_seen = total, self._n_seen + x.shape[0]
@@ -677,7 +700,8 @@ class FusedLinearRegressor(torch.nn.Module):
     def _checked_step(self, method: str, x, y, sw) -> float:
         """One fused step (ops.train_step) that is undone, with a FloatingPointError, when its loss
         or the updated parameters are non-finite. -> the loss before the update."""
-        state = [t for t in (self.weight, self.bias, self.weight_momentum, self.bias_momentum) if t is not None]
+        state = [self.weight, self.bias, self.weight_momentum, self.bias_momentum]
+        state = [t for t in state if t is not None]
         saved = [t.clone() for t in state]
         loss = ops.train_step(
             x, y, self.weight, self.bias, self.weight_momentum, self.bias_momentum, sw,
@@ -687,11 +711,15 @@ class FusedLinearRegressor(torch.nn.Module):
         if not (math.isfinite(lv) and all(bool(torch.isfinite(t).all()) for t in state)):
             for t, v in zip(state, saved):
                 t.copy_(v)
-            culprits = [(n, r) for n, t in (("x", x), ("y", y), ("sample_weight", sw))
-                        if (r := _first_non_finite_row(t)) is not None]
+            culprits = [
+                (n, r) for n, t in (("x", x), ("y", y), ("sample_weight", sw))
+                if (r := _first_non_finite_row(t)) is not None
+            ]
             msg = f"fastlin.FusedLinearRegressor.{method}: non-finite loss or update"
-            msg += ("; first non-finite rows: " + ", ".join(f"{n}[{r}]" for n, r in culprits)) if culprits else (
-                f"; the data is finite, so the step diverged: lower lr (now {self.lr})")
+            if culprits:
+                msg += "; first non-finite rows: " + ", ".join(f"{n}[{r}]" for n, r in culprits)
+            else:
+                msg += f"; the data is finite, so the step diverged: lower lr (now {self.lr})"
             raise FloatingPointError(msg + ". The parameters and momentum are unchanged.")
         self.__dict__["_first_step"] = False
         return lv
@@ -699,9 +727,11 @@ class FusedLinearRegressor(torch.nn.Module):
     def _batches(self, data, index: int, batch, first_dtype):
         """One batch (x, y) or (x, y, w) -> converted tensors; errors name the batch."""
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            got = type(batch).__name__
+            got += f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
             raise TypeError(
-                f"fastlin.FusedLinearRegressor.fit: batch {index} must be a tuple (x, y) or (x, y, sample_weight), "
-                f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                f"fastlin.FusedLinearRegressor.fit: batch {index} must be a tuple (x, y) or "
+                f"(x, y, sample_weight), got {got}"
             )
         bx = batch[0]
         if isinstance(bx, torch.Tensor) and first_dtype is not None and bx.dtype != first_dtype:
@@ -728,14 +758,19 @@ class FusedLinearRegressor(torch.nn.Module):
         taken stay. solver="lstsq" raises (it needs all the data in memory)."""
         name = "fastlin.FusedLinearRegressor.fit"
         if sample_weight is not None:
-            raise ValueError(f"{name}: with batches, give sample weights inside them as (x, y, sample_weight)")
+            raise ValueError(
+                f"{name}: with batches, give sample weights inside them as (x, y, sample_weight)"
+            )
         if isinstance(data, torch.Tensor) or hasattr(data, "__array__"):
-            raise ValueError(f"{name}: y is required when x is an array (or pass an iterable of (x, y) batches as x)")
+            raise ValueError(
+                f"{name}: y is required when x is an array (or pass an iterable of (x, y) batches as x)"
+            )
         try:
             first_iter = iter(data)
         except TypeError:
             raise TypeError(
-                f"{name}: x must be a tensor/array (with y) or an iterable of (x, y[, sample_weight]) batches, "
+                f"{name}: x must be a tensor/array (with y) or an iterable of (x, y[, sample_weight]) "
+                f"batches, "
                 f"got {type(data).__name__}"
             ) from None
         one_shot = first_iter is data
@@ -752,7 +787,7 @@ class FusedLinearRegressor(torch.nn.Module):
                 G = None
                 for i, batch in enumerate(first_iter):
                     x, y, sw, one_d = self._batches(data, i, batch, first_dtype)
-                    first_dtype = first_dtype or (batch[0].dtype if isinstance(batch[0], torch.Tensor) else None)
+                    first_dtype = first_dtype or _dtype_of(batch[0])
                     g = ops.gram(x, y, sw, backend=self.backend)
                     G = g if G is None else G + g
                     rows += x.shape[0]
@@ -763,12 +798,14 @@ class FusedLinearRegressor(torch.nn.Module):
             G = self._global_gram("fit", accumulate)
             loss, info = self._solve_and_write(G)
             self._gram, self._n_seen, self._stream_dtype = G, rows, None
-            self._set_fit_attrs(loss, first_dtype or self.weight.dtype, one_d, n_samples_seen_=rows, solve_info_=info)
+            hd = first_dtype or self.weight.dtype
+            self._set_fit_attrs(loss, hd, one_d, n_samples_seen_=rows, solve_info_=info)
             return self
         # sgd
         if one_shot and epochs > 1:
             raise ValueError(
-                f"{name}: {type(data).__name__} is a one-shot iterator and cannot be read for {epochs} epochs; "
+                f"{name}: {type(data).__name__} is a one-shot iterator and cannot be read for {epochs} "
+                "epochs; "
                 "pass a re-iterable (a list, a DataLoader) or epochs=1"
             )
         hist, first_dtype, one_d = [], None, None
@@ -778,7 +815,7 @@ class FusedLinearRegressor(torch.nn.Module):
             nb = 0
             for i, batch in enumerate(it):
                 x, y, sw, one_d = self._batches(data, i, batch, first_dtype)
-                first_dtype = first_dtype or (batch[0].dtype if isinstance(batch[0], torch.Tensor) else None)
+                first_dtype = first_dtype or _dtype_of(batch[0])
                 try:
                     loss = self._checked_step(f"fit (epoch {e}, batch {i})", x, y, sw)
                 except FloatingPointError:
@@ -787,7 +824,8 @@ class FusedLinearRegressor(torch.nn.Module):
                 wt = float(x.shape[0]) if sw is None else float(sw.double().sum())
                 total, weight, nb = total + loss * wt, weight + wt, nb + 1
             if nb == 0:
-                raise ValueError(f"{name}: the iterable of batches is empty" + (f" in epoch {e}" if e else ""))
+                where = f" in epoch {e}" if e else ""
+                raise ValueError(f"{name}: the iterable of batches is empty{where}")
             hist.append(total / weight)
         hist_dtype = torch.float64 if first_dtype == torch.float64 else torch.float32
         self.__dict__.update(
@@ -796,6 +834,10 @@ class FusedLinearRegressor(torch.nn.Module):
         )
         return self
 
+
+
+def _dtype_of(t):
+    return t.dtype if isinstance(t, torch.Tensor) else None
 
 
 def _make_bar(total: int, done: int, parts):

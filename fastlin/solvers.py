@@ -91,7 +91,9 @@ def _check_gram(op: str, G: torch.Tensor, n_features: int) -> int:
 def _check_alpha(op: str, alpha, name: str = "alpha") -> float:
     if isinstance(alpha, torch.Tensor):
         if alpha.numel() != 1:
-            raise ValueError(f"fastlin.{op}: {name} must be a number, got a tensor of shape {C.shape_str(alpha.shape)}")
+            raise ValueError(
+                f"fastlin.{op}: {name} must be a number, got a tensor of shape {C.shape_str(alpha.shape)}"
+            )
         alpha = float(alpha)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"fastlin.{op}: {name} must be a float >= 0, got {type(alpha).__name__}")
@@ -160,7 +162,9 @@ def solve_gram(
     D = n_features
     rcond = default_rcond(D) if rcond is None else float(rcond)
     if not bool(torch.isfinite(G).all()):
-        raise ValueError(f"fastlin.{op}: the Gram matrix has non-finite entries (non-finite x, y or sample_weight)")
+        raise ValueError(
+            f"fastlin.{op}: the Gram matrix has non-finite entries (non-finite x, y or sample_weight)"
+        )
     Sxx, Sxy, _, xm, ym, _ = _centred_blocks(G, D, fit_intercept)
     A = Sxx + alpha * torch.eye(D, dtype=Sxx.dtype, device=Sxx.device) if alpha else Sxx
     d = torch.diagonal(A)
@@ -190,13 +194,17 @@ def solve_gram(
     return W, b, info
 
 
-def gram_loss(G: torch.Tensor, n_features: int, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def gram_loss(
+    G: torch.Tensor, n_features: int, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Training MSE of (weight (O, D), bias (O,) or None) on the data whose Gram is G, without
     another pass: sum_i w_i ||y_i - W x_i - b||^2 / (sum(w) * O), the loss ``train_step`` reports.
     float64 0-d tensor. Computed around the weighted means, so it is accurate to ~eps * ||Y - ym||^2."""
     O = _check_gram("solvers.gram_loss", G, n_features)
     D = n_features
-    Sxx, Sxy, Syy, xm, ym, sw = _centred_blocks(G, D, True) if bool(G[D, D] > 0) else _centred_blocks(G, D, False)
+    Sxx, Sxy, Syy, xm, ym, sw = (
+        _centred_blocks(G, D, True) if bool(G[D, D] > 0) else _centred_blocks(G, D, False)
+    )
     W = weight.detach().to(device=G.device, dtype=torch.float64)
     b = torch.zeros(O, dtype=torch.float64, device=G.device) if bias is None else bias.detach().to(W)
     # sum w ||(y - ym) - W (x - xm) + (ym - W xm - b)||^2 = centred part + sum(w) ||ym - W xm - b||^2
@@ -215,7 +223,8 @@ def _as_xy(op: str, x, y, sample_weight):
         y = y.reshape(-1, 1)
     if y.dim() != 2 or y.shape[0] != x.shape[0]:
         raise ValueError(
-            f"fastlin.{op}: y must have shape ({x.shape[0]},) or ({x.shape[0]}, O) (x's rows), got {C.shape_str(y.shape)}"
+            f"fastlin.{op}: y must have shape ({x.shape[0]},) or ({x.shape[0]}, O) (x's rows), "
+            f"got {C.shape_str(y.shape)}"
         )
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
@@ -237,7 +246,9 @@ def _as_xy(op: str, x, y, sample_weight):
 def solve_normal(x, y, *, sample_weight=None, alpha: float = 0.0, fit_intercept: bool = True, backend=None):
     """One Gram pass over x (N, D) and a ``solve_gram``: -> (W (O, D), b (O,), info), float64."""
     x, y, sw = _as_xy("solvers.solve_normal", x, y, sample_weight)
-    return solve_gram(ops.gram(x, y, sw, backend=backend), x.shape[1], alpha=alpha, fit_intercept=fit_intercept)
+    return solve_gram(
+        ops.gram(x, y, sw, backend=backend), x.shape[1], alpha=alpha, fit_intercept=fit_intercept
+    )
 
 
 def ridge_path(
@@ -276,7 +287,9 @@ def ridge_path(
     shifted = lam[None, :] + a[:, None]  # (K, D)
     top = shifted[:, -1:].clamp_min(0)
     keep = shifted > rcond * top
-    inv = torch.where(keep, 1.0 / torch.where(keep, shifted, torch.ones_like(shifted)), torch.zeros_like(shifted))
+    inv = torch.where(
+        keep, 1.0 / torch.where(keep, shifted, torch.ones_like(shifted)), torch.zeros_like(shifted)
+    )
     Wt = torch.einsum("ij,kj,jo->kio", V, inv, proj)  # (K, D, O)
     W = Wt.transpose(1, 2).contiguous()  # (K, O, D)
     if not bool(keep.all()):
@@ -289,7 +302,11 @@ def ridge_path(
             IllConditionedWarning,
             stacklevel=2,
         )
-    b = ym[None, :] - W @ xm if fit_intercept else torch.zeros(len(alphas), O, dtype=torch.float64, device=G.device)
+    b = (
+        ym[None, :] - W @ xm
+        if fit_intercept
+        else torch.zeros(len(alphas), O, dtype=torch.float64, device=G.device)
+    )
     return W, b
 
 
@@ -316,7 +333,9 @@ def lstsq(x, y, *, sample_weight=None, alpha: float = 0.0, fit_intercept: bool =
         else:
             tot = w.sum()
             if not bool(tot > 0):
-                raise ValueError(f"fastlin.{op}: the sum of the sample weights must be > 0 to fit an intercept")
+                raise ValueError(
+                    f"fastlin.{op}: the sum of the sample weights must be > 0 to fit an intercept"
+                )
             xm, ym = (w @ xd) / tot, (w @ yd) / tot
         xd, yd = xd - xm, yd - ym
     if w is not None:

@@ -27,7 +27,9 @@ from tests.conftest import STATUS, rel_error
 lm = pytest.importorskip("sklearn.linear_model")
 
 CPU_BACKENDS = [
-    pytest.param(b, marks=[] if STATUS[b][0] else [pytest.mark.skip(reason=f"backend {b} unavailable: {STATUS[b][1]}")])
+    pytest.param(
+        b, marks=[] if STATUS[b][0] else [pytest.mark.skip(reason=f"backend {b} unavailable: {STATUS[b][1]}")]
+    )
     for b in ("reference", "cpp")
 ]
 
@@ -35,7 +37,9 @@ CPU_BACKENDS = [
 def make_data(n=300, d=5, o=1, *, dtype=torch.float64, weights=False, offset=True, noise=0.3):
     """Features with different scales and non-zero means (so centring matters), y = x W^T + b + noise."""
     scale = torch.logspace(-1, 1, d, dtype=torch.float64)
-    x = torch.randn(n, d, dtype=torch.float64) * scale + (torch.randn(d, dtype=torch.float64) * 3 if offset else 0)
+    x = torch.randn(n, d, dtype=torch.float64) * scale + (
+        torch.randn(d, dtype=torch.float64) * 3 if offset else 0
+    )
     W = torch.randn(o, d, dtype=torch.float64)
     y = x @ W.T + torch.randn(o, dtype=torch.float64) * 2 + noise * torch.randn(n, o, dtype=torch.float64)
     sw = (torch.rand(n, dtype=torch.float64) * 2 + 0.1) if weights else None
@@ -45,8 +49,11 @@ def make_data(n=300, d=5, o=1, *, dtype=torch.float64, weights=False, offset=Tru
 
 def sk_fit(x, y, sw=None, *, alpha=0.0, fit_intercept=True):
     """sklearn's (coef (O, D), intercept (O,)) as float64 tensors; alpha 0 -> LinearRegression."""
-    est = lm.LinearRegression(fit_intercept=fit_intercept) if alpha == 0 else lm.Ridge(alpha=alpha,
-                                                                                        fit_intercept=fit_intercept)
+    est = (
+        lm.LinearRegression(fit_intercept=fit_intercept)
+        if alpha == 0
+        else lm.Ridge(alpha=alpha, fit_intercept=fit_intercept)
+    )
     est.fit(x.double().numpy(), y.double().numpy(), sample_weight=None if sw is None else sw.double().numpy())
     coef = torch.as_tensor(np.atleast_2d(est.coef_), dtype=torch.float64)
     intercept = np.broadcast_to(np.asarray(est.intercept_, dtype=np.float64), (coef.shape[0],)).copy()
@@ -54,7 +61,11 @@ def sk_fit(x, y, sw=None, *, alpha=0.0, fit_intercept=True):
 
 
 def params(reg):
-    b = reg.bias.detach().double() if reg.bias is not None else torch.zeros(reg.out_features, dtype=torch.float64)
+    b = (
+        reg.bias.detach().double()
+        if reg.bias is not None
+        else torch.zeros(reg.out_features, dtype=torch.float64)
+    )
     return reg.weight.detach().double(), b
 
 
@@ -70,8 +81,9 @@ def assert_close(out, ref, tol, what):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 30.0])
 def test_normal_matches_sklearn(backend, o, weights, fit_intercept, alpha):
     x, y, sw = make_data(257, 7, o, weights=weights)
-    reg = fastlin.FusedLinearRegressor(7, o, bias=fit_intercept, solver="normal", alpha=alpha, backend=backend,
-                                       dtype=torch.float64)
+    reg = fastlin.FusedLinearRegressor(
+        7, o, bias=fit_intercept, solver="normal", alpha=alpha, backend=backend, dtype=torch.float64
+    )
     w0 = reg.weight.detach().clone()
     reg.fit(x, y, sample_weight=sw, epochs=5)  # epochs ignored
     assert not torch.equal(reg.weight, w0)
@@ -149,8 +161,14 @@ def test_ridge_path_shapes_and_bad_alphas():
     x, y, _ = make_data(50, 3, 1)
     Ws, bs = fastlin.ridge_path(x, y, torch.tensor([1.0]))
     assert Ws.shape == (1, 1, 3) and bs.shape == (1, 1)
-    for bad, exc in (([], ValueError), ([1.0, -1.0], ValueError), ([math.nan], ValueError),
-                     (torch.ones(2, 2), ValueError), ("a", TypeError), ([True], TypeError)):
+    for bad, exc in (
+        ([], ValueError),
+        ([1.0, -1.0], ValueError),
+        ([math.nan], ValueError),
+        (torch.ones(2, 2), ValueError),
+        ("a", TypeError),
+        ([True], TypeError),
+    ):
         with pytest.raises(exc, match="alphas"):
             fastlin.ridge_path(x, y, bad)
     with pytest.raises(ValueError, match="y must have shape"):
@@ -176,7 +194,9 @@ def test_rank_deficient_min_norm():
     assert_close(Ws[0], W_ref, 1e-6, "ridge_path alpha=0 min-norm")
     assert_close(Ws[1], sk_fit(x, y, sw, alpha=1.0)[0], 1e-6, "ridge_path alpha=1 (regular)")
     with pytest.warns(IllConditionedWarning, match="rank-deficient"):
-        reg_l = fastlin.FusedLinearRegressor(6, 2, solver="lstsq", dtype=torch.float64).fit(x, y, sample_weight=sw)
+        reg_l = fastlin.FusedLinearRegressor(6, 2, solver="lstsq", dtype=torch.float64).fit(
+            x, y, sample_weight=sw
+        )
     assert_close(params(reg_l)[0], W_ref, 1e-6, "lstsq min-norm weight")
     # ridge (alpha > 0) makes it regular again: Cholesky, no warning (constant column: alpha on diag)
     with warnings.catch_warnings():
@@ -206,7 +226,7 @@ def test_solve_gram_direct_and_checks():
 def _chunks(x, y, sw, sizes):
     out, i = [], 0
     for s in sizes:
-        out.append((x[i:i + s], y[i:i + s]) + (() if sw is None else (sw[i:i + s],)))
+        out.append((x[i : i + s], y[i : i + s]) + (() if sw is None else (sw[i : i + s],)))
         i += s
     assert i == x.shape[0]
     return out
@@ -215,7 +235,9 @@ def _chunks(x, y, sw, sizes):
 @pytest.mark.parametrize("weights", [False, True], ids=["unweighted", "weighted"])
 def test_partial_fit_equals_fit(weights):
     x, y, sw = make_data(500, 6, 3, weights=weights)
-    full = fastlin.FusedLinearRegressor(6, 3, solver="normal", alpha=0.1, dtype=torch.float64).fit(x, y, sample_weight=sw)
+    full = fastlin.FusedLinearRegressor(6, 3, solver="normal", alpha=0.1, dtype=torch.float64).fit(
+        x, y, sample_weight=sw
+    )
     reg = fastlin.FusedLinearRegressor(6, 3, solver="normal", alpha=0.1, dtype=torch.float64)
     for c in _chunks(x, y, sw, [1, 7, 250, 242]):
         reg.partial_fit(*c)
@@ -244,21 +266,26 @@ def test_state_dict_round_trip_mid_stream():
         a.partial_fit(*c)
         b.partial_fit(*c)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
-    full = fastlin.FusedLinearRegressor(5, 2, solver="normal", dtype=torch.float64).fit(x, y, sample_weight=sw)
+    full = fastlin.FusedLinearRegressor(5, 2, solver="normal", dtype=torch.float64).fit(
+        x, y, sample_weight=sw
+    )
     assert_close(b.weight, full.weight, 1e-12, "resumed stream vs fit")
     # sgd models' state_dict is unchanged by the solver state (same keys as before)
     keys = set(fastlin.FusedLinearRegressor(5, 2).state_dict())
     assert keys == {"weight", "bias", "_extra_state"}
     with pytest.raises(ValueError, match="saved Gram matrix"):
         fastlin.FusedLinearRegressor(4, 2, solver="normal", dtype=torch.float64).load_state_dict(
-            {**a.state_dict(), "weight": torch.zeros(2, 4, dtype=torch.float64)})
+            {**a.state_dict(), "weight": torch.zeros(2, 4, dtype=torch.float64)}
+        )
 
 
 def test_dataloader_fit():
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y, sw = make_data(300, 4, 2, weights=True)
-    full = fastlin.FusedLinearRegressor(4, 2, solver="normal", dtype=torch.float64).fit(x, y, sample_weight=sw)
+    full = fastlin.FusedLinearRegressor(4, 2, solver="normal", dtype=torch.float64).fit(
+        x, y, sample_weight=sw
+    )
     dl = DataLoader(TensorDataset(x, y, sw), batch_size=64, shuffle=True)
     reg = fastlin.FusedLinearRegressor(4, 2, solver="normal", dtype=torch.float64).fit(dl, epochs=10)
     assert_close(reg.weight, full.weight, 1e-12, "DataLoader normal fit")
@@ -293,8 +320,9 @@ def test_dataloader_fit():
 
 def _snapshot(reg):
     sd = reg.state_dict()
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items() if k != "_extra_state"}, \
-        (None if reg._gram is None else reg._gram.clone())
+    return {
+        k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items() if k != "_extra_state"
+    }, (None if reg._gram is None else reg._gram.clone())
 
 
 def _assert_unchanged(reg, snap):
@@ -319,7 +347,11 @@ def test_bad_input_leaves_model_unchanged():
         (lambda: reg.partial_fit(x[100:], y[100:], sw[:5]), ValueError, "sample_weight must have shape"),
         (lambda: reg.partial_fit(xn, y[100:]), ValueError, "non-finite"),
         (lambda: reg.fit([(x[:50], y[:50]), (x[50:100, :3], y[50:100])]), ValueError, r"batch 1"),
-        (lambda: reg.fit([(x[:50], y[:50]), (x[50:100].float(), y[50:100])]), TypeError, "batch 1 .*dtype|dtype"),
+        (
+            lambda: reg.fit([(x[:50], y[:50]), (x[50:100].float(), y[50:100])]),
+            TypeError,
+            "batch 1 .*dtype|dtype",
+        ),
         (lambda: reg.fit([(x[:50], y[:50]), x[50:100]]), TypeError, "batch 1"),
         (lambda: reg.fit([]), ValueError, "empty"),
         (lambda: reg.fit(x), ValueError, "y is required"),
@@ -330,7 +362,9 @@ def test_bad_input_leaves_model_unchanged():
             call()
         _assert_unchanged(reg, snap)
     reg.partial_fit(x[100:], y[100:], sw[100:])  # the stream still continues where it was
-    full = fastlin.FusedLinearRegressor(4, 2, solver="normal", dtype=torch.float64).fit(x, y, sample_weight=sw)
+    full = fastlin.FusedLinearRegressor(4, 2, solver="normal", dtype=torch.float64).fit(
+        x, y, sample_weight=sw
+    )
     assert_close(reg.weight, full.weight, 1e-12, "stream after rejected chunks")
 
     lst = fastlin.FusedLinearRegressor(4, 2, solver="lstsq", dtype=torch.float64)
@@ -349,8 +383,11 @@ def test_bad_input_leaves_model_unchanged():
     assert torch.equal(sgd.weight, snap[0]) and torch.equal(sgd.bias, snap[1])
     assert torch.equal(sgd.weight_momentum, snap[2])
 
-    for kw, match in (({"solver": "qr"}, "solver must be one of"), ({"alpha": -1.0}, "alpha"),
-                      ({"alpha": math.inf}, "alpha")):
+    for kw, match in (
+        ({"solver": "qr"}, "solver must be one of"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": math.inf}, "alpha"),
+    ):
         with pytest.raises(ValueError, match=match):
             fastlin.FusedLinearRegressor(4, 2, **kw)
 

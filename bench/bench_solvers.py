@@ -1,16 +1,17 @@
 """Exact solvers: fastlin's normal equations vs scikit-learn and torch.linalg.lstsq, plus time to a
 target loss for fused SGD vs the normal solver.
 
-    python -m bench.bench_solvers            # 1048576 x 64 float32 and 262144 x 64 float64 (~2-4 min)
+    python -m bench.bench_solvers            # 1048576 x 64 float32, 262144 x 64 float64 (~10 min here)
     python -m bench.bench_solvers --quick    # 131072 rows, fewer repeats (< 1 min)
 
 Per case (x (N, D), y (N,) = x w + b + noise, features with small non-zero means, scales 0.8..1.25):
   * times, interleaved rounds with the harness (median of repeats): fastlin.ops.gram alone (the one
-    pass over x), FusedLinearRegressor(solver="normal").fit (gram + Cholesky solve + writing the
-    parameters), the same with alpha=1, sklearn LinearRegression and Ridge(alpha=1), torch.linalg.lstsq
-    on [x, 1] in x's dtype (the ones column is built outside the timing, which flatters it), and
-    fastlin's float64 lstsq reference; and the one-read time of x, measured in the same rounds
-    ("limit: read", harness.Limits);
+    pass over x), solvers.solve_gram alone (from a ready Gram matrix),
+    FusedLinearRegressor(solver="normal").fit (gram + Cholesky solve + writing the parameters), the
+    same with alpha=1, sklearn LinearRegression and Ridge(alpha=1), torch.linalg.lstsq on [x, 1] in
+    x's dtype (the ones column is built outside the timing, which flatters it), and fastlin's
+    float64 lstsq reference; and the one-read time of x, measured in the same rounds ("limit: read",
+    harness.Limits);
   * the error of each solution: ||w - w_ref|| / ||w_ref|| (weights and bias together) against a float64
     lstsq (gelsd) solution of the same data.
 Time to target: target = (1 + 1e-3) x the normal solver's training MSE; full-batch fused SGD
@@ -70,6 +71,7 @@ def solver_case(n, d, dtype, repeats, log):
     xn, yn = x.numpy(), y.numpy()
     x1 = torch.cat([x, torch.ones(n, 1, dtype=dtype)], dim=1)
     lim = Limits.measure(sample=x, dtypes=(dtype,))
+    G = fastlin.ops.gram(x, y[:, None])
     out = {}
 
     def normal(alpha):
@@ -97,6 +99,7 @@ def solver_case(n, d, dtype, repeats, log):
 
     contenders = [
         Contender("fastlin ops.gram (one pass)", lambda r: fastlin.ops.gram(x, y[:, None])),
+        Contender("fastlin solve_gram only", lambda r: solvers.solve_gram(G, d)),
         Contender("fastlin normal", normal(0.0)),
         Contender("fastlin normal alpha=1", normal(1.0)),
         Contender("sklearn LinearRegression", sk(0.0)),

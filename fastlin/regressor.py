@@ -770,8 +770,7 @@ class FusedLinearRegressor(torch.nn.Module):
         except TypeError:
             raise TypeError(
                 f"{name}: x must be a tensor/array (with y) or an iterable of (x, y[, sample_weight]) "
-                f"batches, "
-                f"got {type(data).__name__}"
+                f"batches, got {type(data).__name__}"
             ) from None
         one_shot = first_iter is data
         if self.solver == "lstsq":
@@ -805,8 +804,7 @@ class FusedLinearRegressor(torch.nn.Module):
         if one_shot and epochs > 1:
             raise ValueError(
                 f"{name}: {type(data).__name__} is a one-shot iterator and cannot be read for {epochs} "
-                "epochs; "
-                "pass a re-iterable (a list, a DataLoader) or epochs=1"
+                "epochs; pass a re-iterable (a list, a DataLoader) or epochs=1"
             )
         hist, first_dtype, one_d = [], None, None
         for e in range(epochs):

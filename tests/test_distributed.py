@@ -346,3 +346,29 @@ def test_normal_solver_equals_single_process(world):
 
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_demo_distributed_under_torchrun():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "fastlin", "demo", "--distributed", "--epochs", "200"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 ranks (gloo), training rows per rank [40, 40] of 80" in proc.stdout
+    assert "matches the single-process fit" in proc.stdout, proc.stdout
+    rows = {ln[:22].strip(): ln[22:].split() for ln in proc.stdout.splitlines() if ln.endswith(" ms")}
+    assert rows["2-rank fit"][:5] == rows["1-process fit"][:5]  # weight, bias, MSE, R^2, f(4) as printed
+
+
+def test_demo_distributed_needs_torchrun(monkeypatch):
+    from fastlin import demo
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="run it under torchrun"):
+        demo.main(["--distributed"])

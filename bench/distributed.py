@@ -30,8 +30,11 @@ CASES = [  # name, total rows, D, O, epochs
 def _data(n, d, o, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(o, d, generator=g, dtype=torch.float64).T + 0.5 + 0.1 * torch.randn(n, o, generator=g,
-                                                                                          dtype=torch.float64)
+    y = (
+        x @ torch.randn(o, d, generator=g, dtype=torch.float64).T
+        + 0.5
+        + 0.1 * torch.randn(n, o, generator=g, dtype=torch.float64)
+    )
     return x.to(dtype), y.to(dtype)
 
 
@@ -54,8 +57,13 @@ def _worker(rank, port, repeats):
             torch.manual_seed(1)
             sreg = fastlin.FusedLinearRegressor(d, o, lr=0.05, momentum=0.9, dtype=torch.float64)
             sreg.fit(x, y, epochs=epochs)
-        rel = max(float((a - b).norm() / b.norm()) for a, b in ((dreg.weight.detach(), sreg.weight.detach()),
-                                                              (dreg.bias.detach(), sreg.bias.detach())))
+        rel = max(
+            float((a - b).norm() / b.norm())
+            for a, b in (
+                (dreg.weight.detach(), sreg.weight.detach()),
+                (dreg.bias.detach(), sreg.bias.detach()),
+            )
+        )
         # Timing, float32.
         x, y = _data(n, d, o, torch.float32)
         xs, ys = x[sl].contiguous(), y[sl].contiguous()
@@ -81,9 +89,12 @@ def _worker(rank, port, repeats):
                 t_ar.append((t4 - t3) / epochs)
         if rank == 0:
             md, ml, ma = (statistics.median(t) * 1e6 for t in (t_dist, t_local, t_ar))
-            print(f"{name:<18} 2-rank step {md:9.1f} us | local fused step on the shard {ml:9.1f} us | "
-                  f"overhead {md - ml:8.1f} us ({md / ml:5.2f}x) | bare all_reduce {ma:6.1f} us | "
-                  f"float64 rel. error vs 1 process {rel:.1e}", flush=True)
+            print(
+                f"{name:<18} 2-rank step {md:9.1f} us | local fused step on the shard {ml:9.1f} us | "
+                f"overhead {md - ml:8.1f} us ({md / ml:5.2f}x) | bare all_reduce {ma:6.1f} us | "
+                f"float64 rel. error vs 1 process {rel:.1e}",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 
@@ -99,8 +110,22 @@ def main():
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     print(f"2 gloo ranks x 1 thread, torch {torch.__version__}, medians of {a.repeats} interleaved repeats")
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.distributed", "--repeats", str(a.repeats), "--worker",
-                               str(r), str(port)], env=env) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.distributed",
+                "--repeats",
+                str(a.repeats),
+                "--worker",
+                str(r),
+                str(port),
+            ],
+            env=env,
+        )
+        for r in range(2)
+    ]
     return max(pr.wait(timeout=600) for pr in procs)
 
 

@@ -200,14 +200,18 @@ def run_distributed(args) -> int:
             return 0
         with distributed.local():
             single, t_single = fastlin_fit(x_tr, y_tr, args.epochs, args.lr, args.seed, device, args.backend)
-        print(f"fastlin demo --distributed: the seed's linear regression, y = {TRUE_W:g}x + {TRUE_B:g} + noise")
         print(
-            f"{world} ranks ({backend}), training rows per rank {sizes} of {x_tr.shape[0]}, seed {args.seed}; "
+            f"fastlin demo --distributed: the seed's linear regression, y = {TRUE_W:g}x + {TRUE_B:g} + noise"
+        )
+        print(
+            f"{world} ranks ({backend}), training rows per rank {sizes} of {x_tr.shape[0]}, "
+            f"seed {args.seed}; "
             f"{args.epochs} full-batch SGD epochs, lr={args.lr:g}; device {device}, fastlin backend "
             f"{fastlin.backends.resolve(fl_backend, device)}"
         )
         print()
-        print(f"{'':<22}{'weight':>10}{'bias':>10}{'test MSE':>10}{'test R^2':>10}{'f(4)':>9}{'train time':>13}")
+        head = f"{'weight':>10}{'bias':>10}{'test MSE':>10}{'test R^2':>10}{'f(4)':>9}{'train time':>13}"
+        print(f"{'':<22}{head}")
         four = torch.tensor([[4.0]], device=device)
         for name, m, t in ((f"{world}-rank fit", reg, t_dist), ("1-process fit", single, t_single)):
             ev = m.evaluate(x_te, y_te)

@@ -77,7 +77,9 @@ def check_same(op: str, what: str, value: int, device: torch.device | str = "cpu
         )
 
 
-def gather_checked(op: str, error: BaseException | None, info: dict, same: tuple[str, ...] = ()) -> list[dict]:
+def gather_checked(
+    op: str, error: BaseException | None, info: dict, same: tuple[str, ...] = ()
+) -> list[dict]:
     """One all_gather_object of (this rank's local validation error or None, ``info``); then, on
     every rank alike: when any rank failed, raise the first failing rank's error (same builtin type
     and text, naming that rank; chained from the local error where there is one); else raise
@@ -93,15 +95,20 @@ def gather_checked(op: str, error: BaseException | None, info: dict, same: tuple
     failed = [(r, e) for r, (e, _) in enumerate(every) if e is not None]
     if failed:  # every rank raises the same text: the first failing rank's error
         r, (kind, msg) = failed[0]
-        cls = {"ValueError": ValueError, "TypeError": TypeError, "FloatingPointError": FloatingPointError}.get(
-            kind, RuntimeError)
+        cls = {
+            "ValueError": ValueError,
+            "TypeError": TypeError,
+            "FloatingPointError": FloatingPointError,
+        }.get(kind, RuntimeError)
         raise cls(f"{msg} (raised on rank {r} of {world}; every rank raised)") from error
     infos = [i for _, i in every]
     bad = [k for k in same if len({repr(i[k]) for i in infos}) != 1]
     if bad:
         parts = "; ".join(f"{k}: {[i[k] for i in infos]}" for k in bad)
-        raise ValueError(f"fastlin.{op}: every rank must have the same {', '.join(bad)}; got, on ranks "
-                         f"0..{world - 1}, {parts}")
+        raise ValueError(
+            f"fastlin.{op}: every rank must have the same {', '.join(bad)}; got, on ranks "
+            f"0..{world - 1}, {parts}"
+        )
     return infos
 
 
@@ -109,8 +116,23 @@ def gather_checked(op: str, error: BaseException | None, info: dict, same: tuple
 # FusedLinearRegressor.fit, solver "sgd", over a process group.
 
 # What every rank must agree on before the first collective of the loop.
-_SAME = ("in_features", "out_features", "bias", "dtype", "device_type", "epochs", "batch_size", "shuffle",
-         "seed_given", "sample_weight", "lr", "momentum", "dampening", "weight_decay", "nesterov")
+_SAME = (
+    "in_features",
+    "out_features",
+    "bias",
+    "dtype",
+    "device_type",
+    "epochs",
+    "batch_size",
+    "shuffle",
+    "seed_given",
+    "sample_weight",
+    "lr",
+    "momentum",
+    "dampening",
+    "weight_decay",
+    "nesterov",
+)
 
 
 def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
@@ -163,18 +185,31 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
         if sw is not None and not bool((sw >= 0).all()):
             raise ValueError(
                 f"{name}: under torch.distributed sample_weight must be >= 0 (and not NaN), "
-                f"got a negative or NaN weight at row {int(torch.nonzero(~(sw >= 0))[0, 0])}")
+                f"got a negative or NaN weight at row {int(torch.nonzero(~(sw >= 0))[0, 0])}"
+            )
         prepared = (xx, yy, one_d, sw)
         if seed is None and shuffle:
             drawn_seed = int(torch.randint(0, 2**62, ()))
     except (ValueError, TypeError) as e:
         error = e
     info = dict(
-        in_features=reg.in_features, out_features=reg.out_features, bias=reg.bias is not None,
-        dtype=str(reg.weight.dtype), device_type=reg.weight.device.type, epochs=epochs, batch_size=batch_size,
-        shuffle=bool(shuffle), seed_given=seed is not None, seed=seed if seed is not None else drawn_seed,
-        sample_weight=sample_weight is not None, lr=reg.lr, momentum=reg.momentum, dampening=reg.dampening,
-        weight_decay=reg.weight_decay, nesterov=reg.nesterov, rows=None if prepared is None else prepared[0].shape[0],
+        in_features=reg.in_features,
+        out_features=reg.out_features,
+        bias=reg.bias is not None,
+        dtype=str(reg.weight.dtype),
+        device_type=reg.weight.device.type,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=bool(shuffle),
+        seed_given=seed is not None,
+        seed=seed if seed is not None else drawn_seed,
+        sample_weight=sample_weight is not None,
+        lr=reg.lr,
+        momentum=reg.momentum,
+        dampening=reg.dampening,
+        weight_decay=reg.weight_decay,
+        nesterov=reg.nesterov,
+        rows=None if prepared is None else prepared[0].shape[0],
         first_step=reg._first_step,
     )
     infos = gather_checked("FusedLinearRegressor.fit", error, info, _SAME)
@@ -210,16 +245,21 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     OD = O * D
     buf = torch.zeros(2 + OD + (O if has_b else 0), dtype=acc, device=w.device)
-    g_w = buf[2:2 + OD].view(O, D)
-    g_b = buf[2 + OD:] if has_b else None
+    g_w = buf[2 : 2 + OD].view(O, D)
+    g_b = buf[2 + OD :] if has_b else None
     grads = [g_w] + ([g_b] if has_b else [])
     if acc != w.dtype:  # bf16/fp16 parameters: the update reads gradients of their dtype
         grads_upd = [torch.empty_like(p) for p in params]
     else:
         grads_upd = grads
-    backup = [torch.empty_like(t) for t in params + bufs]
-    opts = dict(lr=reg.lr, momentum=reg.momentum, dampening=reg.dampening, weight_decay=reg.weight_decay,
-                nesterov=reg.nesterov, backend=reg.backend)
+    opts = dict(
+        lr=reg.lr,
+        momentum=reg.momentum,
+        dampening=reg.dampening,
+        weight_decay=reg.weight_decay,
+        nesterov=reg.nesterov,
+        backend=reg.backend,
+    )
     mask = (False, True, has_b and sw is None, False)
     gen = None
     if shuffled:
@@ -227,15 +267,19 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
         gen.manual_seed(block_seed(run_seed, rank))
     steps = 1 if bs == 0 else -(-big // bs)
     # Global rows of each step of an epoch (host ints; the unweighted denominators).
-    step_rows = [n_all if bs == 0 else sum(max(0, min(bs, r - s * bs)) for r in ns)
-                 for s, n_all in ((s, sum(ns)) for s in range(steps))]
+    step_rows = [sum(ns)] if bs == 0 else [sum(max(0, min(bs, r - s * bs)) for r in ns) for s in range(steps)]
+    state = params + bufs
+    backup = [torch.empty_like(t) for t in state]  # the last finite model, restored on a failure
+    ep_loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    ep_w = torch.zeros((), dtype=torch.float64, device=w.device)
+    grad_sums = buf[2:]
     hist = torch.full((epochs,), math.nan, dtype=torch.float64)
     failed_at = None
     with torch.no_grad():
         for e in range(epochs):
             order = torch.randperm(n, generator=gen, device=xx.device) if shuffled else None
-            ep_loss = torch.zeros((), dtype=torch.float64, device=w.device)
-            ep_w = torch.zeros((), dtype=torch.float64, device=w.device)
+            ep_loss.zero_()
+            ep_w.zero_()
             for s in range(steps):
                 lo, hi = (0, n) if bs == 0 else (min(n, s * bs), min(n, (s + 1) * bs))
                 if hi > lo:
@@ -247,13 +291,17 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
                         idx = order[lo:hi]
                         xb, yb, swb = xo[idx], yo[idx], None if sw is None else sw[idx]
                     if sw is None:
-                        loss, _, gw, gb, _ = ops.linear_mse_loss(xb, w, b, yb, "sum", mask, backend=reg.backend)
+                        loss, _, gw, gb, _ = ops.linear_mse_loss(
+                            xb, w, b, yb, "sum", mask, backend=reg.backend
+                        )
                         g_w.copy_(gw)
                         if has_b:
                             g_b.copy_(gb)
                     else:
                         wa = torch.cat([w, b.unsqueeze(1)], 1) if has_b else w
-                        loss, _, gw, _, _ = ops.linear_mse_loss(xb, wa, None, yb, "sum", mask, backend=reg.backend)
+                        loss, _, gw, _, _ = ops.linear_mse_loss(
+                            xb, wa, None, yb, "sum", mask, backend=reg.backend
+                        )
                         g_w.copy_(gw[:, :D])
                         if has_b:
                             g_b.copy_(gw[:, D])
@@ -262,15 +310,15 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
                 else:  # this rank's shard has no rows left for this step: it adds zeros
                     buf.zero_()
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                if sw is None:
-                    wsum = torch.tensor(float(step_rows[s]), dtype=torch.float64, device=w.device)
-                else:
-                    wsum = buf[1].to(torch.float64)
-                ep_loss += buf[0].to(torch.float64)
-                ep_w += wsum
+                ep_loss += buf[0]
                 # Gradient of the global mean loss over wsum * O elements (the op's sums carry the 2).
-                buf[2:].div_((wsum * O).to(acc))
-                for t, src in zip(backup, params + bufs):
+                if sw is None:  # the global row count is known on the host
+                    ep_w += step_rows[s]
+                    grad_sums.div_(float(step_rows[s] * O))
+                else:
+                    ep_w += buf[1]
+                    grad_sums.div_(buf[1] * O)
+                for t, src in zip(backup, state):
                     t.copy_(src)
                 if grads_upd is not grads:
                     for gu, g in zip(grads_upd, grads):
@@ -280,7 +328,7 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
                 for p in params:
                     ok = ok & torch.isfinite(p).all()
                 if not bool(ok):  # same buffer, same update on every rank: the same decision everywhere
-                    for t, src in zip(backup, params + bufs):
+                    for t, src in zip(backup, state):
                         src.copy_(t)
                     failed_at = e
                     break
@@ -291,8 +339,12 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
     hdtype = torch.float64 if xx.dtype == torch.float64 else torch.float32
     n_iter = epochs if failed_at is None else failed_at
     reg.__dict__.update(
-        _first_step=first, n_features_in_=D, _y_1d=one_d, seed_=seed if shuffled else None,
-        loss_history_=hist[:n_iter].to(hdtype), n_iter_=n_iter,
+        _first_step=first,
+        n_features_in_=D,
+        _y_1d=one_d,
+        seed_=seed if shuffled else None,
+        loss_history_=hist[:n_iter].to(hdtype),
+        n_iter_=n_iter,
     )
     if failed_at is None:
         return reg
@@ -304,7 +356,9 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
             culprits.append((nm, row))
     every: list = [None] * world
     dist.all_gather_object(every, culprits)
-    msg = f"{name}: non-finite loss or update at epoch {failed_at} (0-based, of {epochs}) of a {world}-rank fit"
+    msg = (
+        f"{name}: non-finite loss or update at epoch {failed_at} (0-based, of {epochs}) of a {world}-rank fit"
+    )
     found = [f"rank {r}: " + ", ".join(f"{nm}[{row}]" for nm, row in c) for r, c in enumerate(every) if c]
     if found:
         msg += "; first non-finite rows of each shard: " + "; ".join(found) + ". Remove or impute them"

@@ -377,8 +377,10 @@ class FusedLinearRegressor(torch.nn.Module):
 
         Returns self."""
         if distributed.is_active() and getattr(self, "solver", "sgd") == "sgd":
-            return distributed.fit_sgd(self, x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                                       sample_weight=sample_weight)
+            return distributed.fit_sgd(
+                self, x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                sample_weight=sample_weight,
+            )
         name = "fastlin.FusedLinearRegressor.fit"
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"{name}: epochs must be an int >= 0, got {epochs!r}")

@@ -25,6 +25,7 @@ import torch
 
 TIMEOUT_S = 180  # a healthy run takes ~10 s on 2 busy cores; a hang must fail, not block CI
 SHARDS = (41, 62)  # uneven shards: the mini-batch steps run one shard dry before the other
+N_ALL = sum(SHARDS)
 D, O = 3, 2
 SGD_CASES = {
     "plain": dict(lr=0.05),
@@ -35,7 +36,7 @@ MINIBATCH = dict(epochs=4, batch_size=8, seed=1234)
 TOL64, TOL32 = 1e-10, 1e-5
 
 
-def _data(dtype=torch.float64, seed=0, n=sum(SHARDS)):
+def _data(dtype=torch.float64, seed=0, n=N_ALL):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=g, dtype=torch.float64)
     w = torch.randn(O, D, generator=g, dtype=torch.float64)
@@ -46,7 +47,7 @@ def _data(dtype=torch.float64, seed=0, n=sum(SHARDS)):
 
 def _shard(t, rank):
     lo = sum(SHARDS[:rank])
-    return t[lo:lo + SHARDS[rank]]
+    return t[lo : lo + SHARDS[rank]]
 
 
 def _model(dtype=torch.float64, d=D, **opts):
@@ -67,7 +68,6 @@ def _params(m):
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    import fastlin
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     res: dict = {}
@@ -84,16 +84,25 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     x32, y32, _ = (_shard(t, rank) for t in _data(torch.float32))
     case("full-float32", lambda: _fit_out(_model(torch.float32, lr=0.05).fit(x32, y32, epochs=30)))
     case("minibatch", lambda: _fit_out(_model(**SGD_CASES["momentum"]).fit(x, y, **MINIBATCH)))
-    case("minibatch-unshuffled", lambda: _fit_out(
-        _model(lr=0.05).fit(x, y, epochs=3, batch_size=8, shuffle=False)))
+    case(
+        "minibatch-unshuffled",
+        lambda: _fit_out(_model(lr=0.05).fit(x, y, epochs=3, batch_size=8, shuffle=False)),
+    )
     case("weighted", lambda: _fit_out(_model(**SGD_CASES["momentum"]).fit(x, y, epochs=30, sample_weight=sw)))
-    case("weighted-minibatch", lambda: _fit_out(
-        _model(lr=0.05).fit(x, y, sample_weight=sw, **MINIBATCH)))
+    case("weighted-minibatch", lambda: _fit_out(_model(lr=0.05).fit(x, y, sample_weight=sw, **MINIBATCH)))
     # Bad input on one rank only: every rank must raise, and the world must go on afterwards.
-    case("mismatch-model", lambda: _model(d=D + rank).fit(torch.randn(5, D + rank, dtype=torch.float64),
-                                                          torch.randn(5, O, dtype=torch.float64), epochs=2))
-    case("mismatch-x", lambda: _model().fit(torch.randn(5, D + rank, dtype=torch.float64),
-                                            torch.randn(5, O, dtype=torch.float64), epochs=2))
+    case(
+        "mismatch-model",
+        lambda: _model(d=D + rank).fit(
+            torch.randn(5, D + rank, dtype=torch.float64), torch.randn(5, O, dtype=torch.float64), epochs=2
+        ),
+    )
+    case(
+        "mismatch-x",
+        lambda: _model().fit(
+            torch.randn(5, D + rank, dtype=torch.float64), torch.randn(5, O, dtype=torch.float64), epochs=2
+        ),
+    )
     case("mismatch-epochs", lambda: _model().fit(x, y, epochs=2 + rank))
 
     def nonfinite():
@@ -107,8 +116,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             m.fit(x, yb, epochs=3)
         except FloatingPointError as e:
             after = _params(m)
-            return {"msg": str(e), "unchanged": all(torch.equal(before[k], after[k]) for k in before),
-                    "n_iter": m.n_iter_}
+            return {
+                "msg": str(e),
+                "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+                "n_iter": m.n_iter_,
+            }
         raise AssertionError("no FloatingPointError")
 
     case("nonfinite", nonfinite)
@@ -154,7 +166,11 @@ def _ddp_models(kind):
     torch.manual_seed(11)
     if kind == "fastlin":
         m = fastlin.nn.Linear(4, 1, dtype=torch.float64)
-        return m, fastlin.nn.MSELoss(), fastlin.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        return (
+            m,
+            fastlin.nn.MSELoss(),
+            fastlin.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True),
+        )
     m = torch.nn.Linear(4, 1, dtype=torch.float64)
     return m, torch.nn.MSELoss(), torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)
 
@@ -194,8 +210,13 @@ def world(tmp_path_factory):
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(out)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), "2", str(port), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(2)
     ]
     logs = []
@@ -257,9 +278,11 @@ def _global_batches(epochs, bs, shuffle, seed):
     gens = [torch.Generator().manual_seed(block_seed(seed, r)) for r in range(2)]
     steps = -(-max(SHARDS) // bs)
     for _ in range(epochs):
-        orders = [torch.randperm(n, generator=g) if shuffle else torch.arange(n) for n, g in zip(SHARDS, gens)]
+        orders = [
+            torch.randperm(n, generator=g) if shuffle else torch.arange(n) for n, g in zip(SHARDS, gens)
+        ]
         for s in range(steps):
-            yield torch.cat([o[s * bs:(s + 1) * bs] + sum(SHARDS[:r]) for r, o in enumerate(orders)])
+            yield torch.cat([o[s * bs : (s + 1) * bs] + sum(SHARDS[:r]) for r, o in enumerate(orders)])
 
 
 def _reference_minibatch(model, x, y, sw, epochs, bs, shuffle, seed):
@@ -269,16 +292,20 @@ def _reference_minibatch(model, x, y, sw, epochs, bs, shuffle, seed):
     return model
 
 
-@pytest.mark.parametrize("name, opts, shuffle, weighted", [
-    ("minibatch", SGD_CASES["momentum"], True, False),
-    ("minibatch-unshuffled", dict(lr=0.05), False, False),
-    ("weighted-minibatch", dict(lr=0.05), True, True),
-])
+@pytest.mark.parametrize(
+    "name, opts, shuffle, weighted",
+    [
+        ("minibatch", SGD_CASES["momentum"], True, False),
+        ("minibatch-unshuffled", dict(lr=0.05), False, False),
+        ("weighted-minibatch", dict(lr=0.05), True, True),
+    ],
+)
 def test_minibatch_equals_single_process_on_global_batches(world, name, opts, shuffle, weighted):
     x, y, sw = _data()
     epochs = MINIBATCH["epochs"] if shuffle else 3
-    ref = _reference_minibatch(_model(**opts), x, y, sw if weighted else None, epochs, 8, shuffle,
-                                  MINIBATCH["seed"])
+    ref = _reference_minibatch(
+        _model(**opts), x, y, sw if weighted else None, epochs, 8, shuffle, MINIBATCH["seed"]
+    )
     outs = _ok(world, name)
     _assert_same_on_ranks_and_close(outs, _params(ref), TOL64)
     assert outs[0]["n_iter"] == epochs
@@ -292,11 +319,14 @@ def test_sample_weight_full_batch(world):
     assert _rel(outs[0]["history"], ref.loss_history_) <= TOL64
 
 
-@pytest.mark.parametrize("name, words", [
-    ("mismatch-model", ["in_features", "[3, 4]"]),
-    ("mismatch-x", ["x must have shape (N, 3)", "rank 1"]),
-    ("mismatch-epochs", ["epochs", "[2, 3]"]),
-])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("mismatch-model", ["in_features", "[3, 4]"]),
+        ("mismatch-x", ["x must have shape (N, 3)", "rank 1"]),
+        ("mismatch-epochs", ["epochs", "[2, 3]"]),
+    ],
+)
 def test_mismatched_input_raises_on_every_rank(world, name, words):
     for r in range(2):
         got = world[r][name]
@@ -350,14 +380,31 @@ if __name__ == "__main__":
 
 def test_demo_distributed_under_torchrun():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         "-m", "fastlin", "demo", "--distributed", "--epochs", "200"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "fastlin",
+            "demo",
+            "--distributed",
+            "--epochs",
+            "200",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 ranks (gloo), training rows per rank [40, 40] of 80" in proc.stdout

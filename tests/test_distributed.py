@@ -68,6 +68,7 @@ def _params(m):
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
+    import fastlin
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     res: dict = {}
@@ -104,6 +105,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         ),
     )
     case("mismatch-epochs", lambda: _model().fit(x, y, epochs=2 + rank))
+    case("mismatch-dtype", lambda: _model(torch.float64 if rank == 0 else torch.float32).fit(x, y, epochs=2))
+
+    def own_init_and_seed():
+        # Each rank initialises differently and draws its own seed: rank 0's model and seed win.
+        torch.manual_seed(100 + rank)
+        m = fastlin.FusedLinearRegressor(D, O, dtype=torch.float64, lr=0.05)
+        m.fit(x, y, epochs=2, batch_size=8)
+        return {**_fit_out(m), "seed": m.seed_}
+
+    case("own-init-seed", own_init_and_seed)
 
     def nonfinite():
         m = _model(lr=0.05)
@@ -325,6 +336,7 @@ def test_sample_weight_full_batch(world):
         ("mismatch-model", ["in_features", "[3, 4]"]),
         ("mismatch-x", ["x must have shape (N, 3)", "rank 1"]),
         ("mismatch-epochs", ["epochs", "[2, 3]"]),
+        ("mismatch-dtype", ["dtype", "torch.float64", "torch.float32"]),
     ],
 )
 def test_mismatched_input_raises_on_every_rank(world, name, words):
@@ -341,6 +353,18 @@ def test_non_finite_raises_on_every_rank_and_restores(world):
         assert o["unchanged"], "parameters changed by the failing fit"
         assert o["n_iter"] == 0
         assert "rank 1: y[5]" in o["msg"]
+
+
+def test_rank0_model_and_seed_are_shared(world):
+    import fastlin
+
+    outs = _ok(world, "own-init-seed")
+    assert outs[0]["seed"] == outs[1]["seed"] is not None
+    x, y, _ = _data()
+    torch.manual_seed(100)  # rank 0's initialisation
+    ref = fastlin.FusedLinearRegressor(D, O, dtype=torch.float64, lr=0.05)
+    ref = _reference_minibatch(ref, x, y, None, 2, 8, True, outs[0]["seed"])
+    _assert_same_on_ranks_and_close(outs, _params(ref), TOL64)
 
 
 def test_world_usable_after_errors(world):

@@ -13,6 +13,13 @@ Rules every collective here follows: each rank validates its own input locally, 
 raises (the same error text) or every rank goes on; so a bad shard on one rank is an error on
 every rank, never a hang. ``local()`` switches the data parallelism off in a block (for a
 single-process fit while a process group exists).
+
+A new data-parallel code path follows the same pattern (see ``fit_sgd``): validate locally inside
+``try``, then ``gather_checked(op, error_or_None, info, same=keys)`` on every rank, and only then
+the collectives of the computation (e.g. ``all_reduce_sum_`` of a Gram matrix).
+
+Only ``fit`` is data parallel: ``FusedLinearRegressor.step`` stays a local step on this rank's
+rows (use ``fit(x, y, epochs=1)`` for one global full-batch step).
 """
 
 from __future__ import annotations

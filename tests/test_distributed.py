@@ -84,6 +84,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         case(f"full-{key}", lambda opts=opts: _fit_out(_model(**opts).fit(x, y, epochs=30)))
     x32, y32, _ = (_shard(t, rank) for t in _data(torch.float32))
     case("full-float32", lambda: _fit_out(_model(torch.float32, lr=0.05).fit(x32, y32, epochs=30)))
+    case(
+        "bf16-x",
+        lambda: _fit_out(_model(torch.float32, lr=0.05).fit(x32.bfloat16(), y32.bfloat16(), epochs=30)),
+    )
     case("minibatch", lambda: _fit_out(_model(**SGD_CASES["momentum"]).fit(x, y, **MINIBATCH)))
     case(
         "minibatch-unshuffled",
@@ -278,6 +282,14 @@ def test_full_batch_float32(world):
     x, y, _ = _data(torch.float32)
     ref = _model(torch.float32, lr=0.05).fit(x, y, epochs=30)
     _assert_same_on_ranks_and_close(_ok(world, "full-float32"), _params(ref), TOL32)
+
+
+def test_low_precision_x_is_cast_to_the_parameters_dtype(world):
+    # bf16 -> float32 is exact, so one process on the float32 copy is the reference; float32 sums.
+    x, y, _ = _data(torch.float32)
+    x, y = x.bfloat16().float(), y.bfloat16().float()
+    ref = _model(torch.float32, lr=0.05).fit(x, y, epochs=30)
+    _assert_same_on_ranks_and_close(_ok(world, "bf16-x"), _params(ref), TOL32)
 
 
 def _global_batches(epochs, bs, shuffle, seed):

@@ -179,6 +179,9 @@ def _ddp_models(kind):
     import fastlin
 
     torch.manual_seed(11)
+    if kind == "fused":  # LinearMSELoss: forward(x, target) -> loss, one fused pass
+        m = fastlin.nn.LinearMSELoss(4, 1, dtype=torch.float64)
+        return m, None, fastlin.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     if kind == "fastlin":
         m = fastlin.nn.Linear(4, 1, dtype=torch.float64)
         return (
@@ -193,7 +196,7 @@ def _ddp_models(kind):
 def _train(model, crit, opt, batches):
     for xb, yb in batches:
         opt.zero_grad()
-        crit(model(xb), yb).backward()
+        (model(xb, yb) if crit is None else crit(model(xb), yb)).backward()
         opt.step()
 
 
@@ -201,7 +204,7 @@ def _ddp(rank):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
-    for kind in ("fastlin", "torch"):
+    for kind in ("fastlin", "fused", "torch"):
         for bucket_view in (False, True):
             m, crit, _ = _ddp_models(kind)
             dm = DDP(m, gradient_as_bucket_view=bucket_view)
@@ -386,17 +389,22 @@ def test_world_usable_after_errors(world):
 
 
 def test_ddp_fastlin_modules_match_stock_torch(world):
+    # fastlin.nn.Linear + MSELoss, and the fused LinearMSELoss, with fastlin.optim.SGD under DDP
     outs = _ok(world, "ddp")
     m, crit, opt = _ddp_models("torch")
     _train(m, crit, opt, _ddp_batches())  # one process, the concatenated batch (equal shards: same mean)
     single = m.state_dict()
     for r in range(2):
         for bucket_view in (False, True):
-            got, stock = outs[r][("fastlin", bucket_view)], outs[r][("torch", bucket_view)]
-            for k in single:
-                assert torch.equal(got[k], outs[0][("fastlin", bucket_view)][k]), f"rank {r} {k} differs"
-                assert _rel(got[k], stock[k]) <= TOL64, f"{k}: fastlin vs torch under DDP"
-                assert _rel(got[k], single[k]) <= TOL64, f"{k}: DDP vs one process"
+            stock = outs[r][("torch", bucket_view)]
+            for kind in ("fastlin", "fused"):
+                got = outs[r][(kind, bucket_view)]
+                for k in single:
+                    assert torch.equal(got[k], outs[0][(kind, bucket_view)][k]), (
+                        f"rank {r} {kind} {k} differs"
+                    )
+                    assert _rel(got[k], stock[k]) <= TOL64, f"{kind} {k}: fastlin vs torch under DDP"
+                    assert _rel(got[k], single[k]) <= TOL64, f"{kind} {k}: DDP vs one process"
 
 
 def test_normal_solver_equals_single_process(world):

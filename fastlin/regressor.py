@@ -376,7 +376,7 @@ class FusedLinearRegressor(torch.nn.Module):
         progress bar. Details in fastlin.distributed.fit_sgd.
 
         Returns self."""
-        if distributed.is_active() and getattr(self, "solver", "sgd") == "sgd":
+        if distributed.is_active() and y is not None and getattr(self, "solver", "sgd") == "sgd":
             return distributed.fit_sgd(
                 self, x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
                 sample_weight=sample_weight,

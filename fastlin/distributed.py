@@ -325,18 +325,15 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
                 else:
                     ep_w += buf[1]
                     grad_sums.div_(buf[1] * O)
-                for t, src in zip(backup, state):
-                    t.copy_(src)
+                torch._foreach_copy_(backup, state)
                 if grads_upd is not grads:
                     for gu, g in zip(grads_upd, grads):
                         gu.copy_(g)
                 ops.sgd_update_(params, grads_upd, bufs, first_step=first, **opts)
-                ok = torch.isfinite(buf[0])
-                for p in params:
-                    ok = ok & torch.isfinite(p).all()
+                # One host read per step: the loss and the updated parameters all finite?
+                ok = torch.isfinite(torch.cat([buf[:1]] + [p.reshape(-1).to(acc) for p in params])).all()
                 if not bool(ok):  # same buffer, same update on every rank: the same decision everywhere
-                    for t, src in zip(backup, state):
-                        src.copy_(t)
+                    torch._foreach_copy_(state, backup)
                     failed_at = e
                     break
                 first = False

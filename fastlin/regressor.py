@@ -408,13 +408,24 @@ class FusedLinearRegressor(torch.nn.Module):
         Raises FloatingPointError, naming the epoch and the first non-finite row of x / y /
         sample_weight if there is one, when a step's loss or updated parameters would be
         non-finite; the parameters and momentum then keep their values from before that step.
+        Under torch.distributed (a process group of more than one rank, see fastlin.distributed):
+        x, y, sample_weight are this rank's shard and the fit equals one process fitting the
+        concatenated shards; rank 0's model is broadcast first; batch_size is rows per rank per
+        step, each rank shuffling its own shard (seed shared); sample_weight must be >= 0; no
+        progress bar. Details in fastlin.distributed.fit_sgd.
 
         Exact solvers (solver="normal" | "lstsq"): one solve on all the data, ignoring epochs,
         batch_size, shuffle, seed and progress; see ``_fit_exact``.
 
         Batches: ``fit(batches, epochs=...)`` with y omitted takes an iterable (a list, a generator,
         a torch.utils.data.DataLoader) of (x, y) or (x, y, sample_weight) batches; see ``_fit_batches``.
+
         Returns self."""
+        if distributed.is_active() and y is not None and getattr(self, "solver", "sgd") == "sgd":
+            return distributed.fit_sgd(
+                self, x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                sample_weight=sample_weight,
+            )
         name = "fastlin.FusedLinearRegressor.fit"
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"{name}: epochs must be an int >= 0, got {epochs!r}")

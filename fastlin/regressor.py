@@ -4,12 +4,21 @@
     reg.fit(x, y, epochs=1000)          # x (N, D), y (N,) or (N, O): tensors or numpy arrays
     reg.predict(torch.tensor([[4.0]]))  # -> (1,) when fit saw a 1-D y, else (1, O)
     reg.score(x_test, y_test)           # R^2, sklearn's definition
+    fastlin.FusedLinearRegressor(D, O, solver="normal", alpha=1.0).fit(x, y)   # exact ridge, one pass
+    reg.partial_fit(x_chunk, y_chunk)   # streaming: Gram sums (normal) or one fused step (sgd)
+    reg.fit(loader, epochs=3)           # an iterable / DataLoader of (x, y[, sample_weight]) batches
 
 Training never builds an autograd graph: ``step`` is one ``fastlin.ops.train_step`` call (one pass
 over x: loss, gradients and torch.optim.SGD's update in place) and ``fit`` is ``fastlin.ops.fit``
 (the whole loop in one call, or a few calls when it reports progress). The optimizer state
 (momentum buffers, and whether the first step has been taken) lives in the module, so
 ``state_dict`` / ``load_state_dict`` save and restore training exactly.
+
+Exact solvers (solver="normal" | "lstsq", see fastlin.solvers). "normal" sums the augmented Gram
+matrix of the data (``ops.gram``, float64) and solves it; the sum is kept in the model (``_gram``,
+saved in state_dict's extra state) so ``partial_fit`` continues a stream after a reload. Parameters
+are written, rounded to their dtype, only after a solve succeeded. Under torch.distributed the Gram
+matrices are summed over ranks before the solve. "lstsq" solves all the data at once (no streaming).
 
 Shapes of y. ``y`` is (N, out_features), or (N,) when out_features == 1, which is reshaped to
 (N, 1) on purpose (never broadcast: any other shape raises, naming y and the expected shape).
@@ -81,6 +90,10 @@ class FusedLinearRegressor(torch.nn.Module):
         lr, momentum, dampening, weight_decay, nesterov: torch.optim.SGD's options and semantics,
             validated like torch.optim.SGD, except that lr must be > 0.
         backend: "auto" | "cpp" | "cuda" | "triton" | "reference" (see fastlin.backends).
+        solver: "sgd" (fused SGD steps, the default) | "normal" (exact, normal equations from one Gram
+            pass; streams with partial_fit) | "lstsq" (exact, torch.linalg.lstsq in float64).
+        alpha: ridge penalty of the exact solvers, alpha ||weight||^2 on the summed (weighted) squared
+            error like sklearn's Ridge; never on the bias. (weight_decay stays the SGD knob.)
         device, dtype: of the parameters (like torch.nn.Linear).
 
     Parameters ``weight`` (O, D) and ``bias`` (O,) are initialised exactly like

@@ -36,6 +36,7 @@ and far below any direction that carries information in double precision.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -67,6 +68,28 @@ class SolveInfo(dict):
     """What ``solve_gram`` did: {"method": "cholesky" | "eigh", "rcond_est": float, "cond": float | None,
     "rank": int}. cond (lam_max / lam_min of A, inf if lam_min <= 0) and rank are exact only on the
     eigh path; on the Cholesky path rank = D and cond is None."""
+
+
+# Below this many rows/columns the dense solves run on one CPU thread. The OpenMP pool is pure cost
+# at this size: measured on a busy 2-core machine, solve_gram at D = 64 took 7.9 ms with 2 threads
+# (aten::tril inside cholesky_ex waiting ~8 ms on a descheduled pool thread) and 0.18 ms with 1.
+_ONE_THREAD_BELOW = 512
+
+
+@contextlib.contextmanager
+def _one_thread(size: int, device: torch.device):
+    """torch.set_num_threads(1) around small CPU solves (restored after; ~0.4 us per switch).
+    Process-global, like every set_num_threads: another Python thread running torch ops at the
+    same moment would briefly run single-threaded too."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or size >= _ONE_THREAD_BELOW or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def default_rcond(n_features: int) -> float:
@@ -156,6 +179,13 @@ def solve_gram(
     Returns (W (O, D), b (O,), info), float64, on G's device; b is zeros without intercept. Warns
     ``IllConditionedWarning`` (with the condition number) when it falls back to the eigen solve.
     """
+    with _one_thread(
+        G.shape[0] if isinstance(G, torch.Tensor) else 0, getattr(G, "device", torch.device("cpu"))
+    ):
+        return _solve_gram(G, n_features, alpha, fit_intercept, rcond, warn)
+
+
+def _solve_gram(G, n_features, alpha, fit_intercept, rcond, warn):
     op = "solvers.solve_gram"
     O = _check_gram(op, G, n_features)
     alpha = _check_alpha(op, alpha)
@@ -187,7 +217,7 @@ def solve_gram(
                 f"alpha = {alpha}); solved by eigendecomposition, returning the minimum-norm solution "
                 f"(rank {rank}, eigenvalues below {rcond:.1e} x the largest dropped)",
                 IllConditionedWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
     W = Wt.T.contiguous()
     b = ym - W @ xm if fit_intercept else torch.zeros(O, dtype=torch.float64, device=G.device)
@@ -201,6 +231,11 @@ def gram_loss(
     another pass: sum_i w_i ||y_i - W x_i - b||^2 / (sum(w) * O), the loss ``train_step`` reports.
     float64 0-d tensor. Computed around the weighted means, so it is accurate to ~eps * ||Y - ym||^2."""
     O = _check_gram("solvers.gram_loss", G, n_features)
+    with _one_thread(G.shape[0], G.device):
+        return _gram_loss(G, n_features, O, weight, bias)
+
+
+def _gram_loss(G, n_features, O, weight, bias):
     D = n_features
     Sxx, Sxy, Syy, xm, ym, sw = (
         _centred_blocks(G, D, True) if bool(G[D, D] > 0) else _centred_blocks(G, D, False)
@@ -277,6 +312,11 @@ def ridge_path(
     x, y, sw = _as_xy(op, x, y, sample_weight)
     D, O = x.shape[1], y.shape[1]
     G = ops.gram(x, y, sw, backend=backend)
+    with _one_thread(G.shape[0], G.device):
+        return _ridge_path_from_gram(op, G, D, O, alphas, fit_intercept)
+
+
+def _ridge_path_from_gram(op, G, D, O, alphas, fit_intercept):
     if not bool(torch.isfinite(G).all()):
         raise ValueError(f"fastlin.{op}: non-finite values in x, y or sample_weight")
     Sxx, Sxy, _, xm, ym, _ = _centred_blocks(G, D, fit_intercept)
@@ -300,7 +340,7 @@ def ridge_path(
             f"fastlin.ridge_path: singular or ill-conditioned design (condition number of the centred "
             f"feature block {cond:.3g}); minimum-norm solutions for alphas {dropped}",
             IllConditionedWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     b = (
         ym[None, :] - W @ xm

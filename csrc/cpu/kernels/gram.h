@@ -33,7 +33,7 @@ struct GramKernels {
   GramPlan (*plan[4])(int64_t P);  // [FmtIndex]
   // c (P doubles) = the shift: row 0 of [input, 0, target] (non-finite entries replaced by 0).
   void (*shift[4])(const GramArgs&, double* c);
-  // g (ld x ld float64, row-major) += Z'^T diag(w) Z' over rows [r0, r1), Z' = Z - 1 c^T with
+  // g (ld x ld float64, row-major, zero on entry) = Z'^T diag(w) Z' over rows [r0, r1), Z' = Z - 1 c^T with
   // c[D] = 0 (the ones column stays 1). Only the upper triangle (i <= j < P) is meaningful.
   void (*rows[4])(const GramArgs&, const double* c, int64_t r0, int64_t r1, double* g, void* scratch);
 };

@@ -29,7 +29,12 @@ import torch
 
 from bench.harness import Contender, Limits, fmt_seconds, format_table, machine_info, measure
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def _solve(G: torch.Tensor, D: int) -> torch.Tensor:
@@ -65,7 +70,10 @@ def accuracy(n: int, d: int) -> list[list[str]]:
 
     z32 = torch.cat([x, torch.ones(n, 1), y], 1)
     rows = [
-        ["fastlin gram (float32 in, float32 blocks -> float64)", err(_solve(torch.ops.fastlin.gram(x, y, None), d))],
+        [
+            "fastlin gram (float32 in, float32 blocks -> float64)",
+            err(_solve(torch.ops.fastlin.gram(x, y, None), d)),
+        ],
         ["stock float32 Z.T @ Z, then float64 solve", err(_solve((z32.T @ z32).double(), d))],
     ]
     return rows
@@ -98,8 +106,10 @@ def main(argv=None) -> None:
     nbytes = N * D * x.element_size()
     flops = N * P * (P + 1)
     info = machine_info()
-    print(f"gram: N={N} D={D} O={O} P={P} {a.dtype} weighted={a.weighted} threads={torch.get_num_threads()} "
-          f"(cpu: {info['cpu']}, load average {info['load_average']})")
+    print(
+        f"gram: N={N} D={D} O={O} P={P} {a.dtype} weighted={a.weighted} threads={torch.get_num_threads()} "
+        f"(cpu: {info['cpu']}, load average {info['load_average']})"
+    )
     print(f"one read of x: {nbytes / 1e6:.1f} MB; upper-triangle flops N*P*(P+1) = {flops / 1e9:.2f} GFLOP")
 
     lim = Limits.measure(sample=x if dt == torch.float32 else None)
@@ -111,15 +121,20 @@ def main(argv=None) -> None:
         Contender("gram + solve", lambda r: _solve(op(x, y, sw), D)),
         Contender("solve", lambda r: _solve(G, D)),
         Contender("sgemm x.T @ x", lambda r: x.T @ x, skip=None if dt == torch.float32 else "float32 only"),
-        Contender("reference gram", lambda r: reference.gram(x, y, sw), skip="--no-reference" if a.no_reference else None),
+        Contender(
+            "reference gram",
+            lambda r: reference.gram(x, y, sw),
+            skip="--no-reference" if a.no_reference else None,
+        ),
     ]
     stats = measure(cont, repeats=a.repeats, warmup=1)
     lim.update(stats)
     t_read = nbytes / lim.read_bandwidth
     t_solve = stats["solve"].median
     t_flops = flops / lim.gemm_rate
-    print(f"read bandwidth {lim.read_bandwidth / 1e9:.1f} GB/s ({lim.read_method}) -> one read {fmt_seconds(t_read)}; "
-          f"GEMM rate {lim.gemm_rate / 1e9:.1f} GFLOP/s ({lim.gemm_method}) -> flops at that rate {fmt_seconds(t_flops)}")
+    bw, rate = lim.read_bandwidth / 1e9, lim.gemm_rate / 1e9
+    print(f"read bandwidth {bw:.1f} GB/s ({lim.read_method}) -> one read {fmt_seconds(t_read)}")
+    print(f"GEMM rate {rate:.1f} GFLOP/s ({lim.gemm_method}) -> the flops at it {fmt_seconds(t_flops)}")
     rows = []
     for c in cont:
         s = stats.get(c.name)
@@ -127,20 +142,33 @@ def main(argv=None) -> None:
             rows.append([c.name, "n/a", "", "", "", ""])
             continue
         if c.name.startswith("limit:"):  # the probes read/compute their own buffers: no ratio
-            rows.append([c.name, fmt_seconds(s.median), f"{fmt_seconds(s.min)} .. {fmt_seconds(s.max)}", "", "", ""])
+            rows.append(
+                [c.name, fmt_seconds(s.median), f"{fmt_seconds(s.min)} .. {fmt_seconds(s.max)}", "", "", ""]
+            )
             continue
-        rows.append([c.name, fmt_seconds(s.median), f"{fmt_seconds(s.min)} .. {fmt_seconds(s.max)}",
-                     f"{s.median / t_read:.2f}x", f"{s.median / (t_read + t_solve):.2f}x",
-                     f"{flops / s.median / 1e9:.1f}" if c.name in ("fastlin gram", "gram + solve") else ""])
+        rows.append(
+            [
+                c.name,
+                fmt_seconds(s.median),
+                f"{fmt_seconds(s.min)} .. {fmt_seconds(s.max)}",
+                f"{s.median / t_read:.2f}x",
+                f"{s.median / (t_read + t_solve):.2f}x",
+                f"{flops / s.median / 1e9:.1f}" if c.name in ("fastlin gram", "gram + solve") else "",
+            ]
+        )
     print(format_table(["contender", "median", "min .. max", "/ read", "/ (read+solve)", "GFLOP/s"], rows))
     target = stats["gram + solve"].median / (t_read + t_solve)
-    print(f"target (issue 6): gram + solve within 1.5x of read + solve -> {target:.2f}x "
-          f"({'met' if target <= 1.5 else 'not met'}); flops at the measured GEMM rate alone are "
-          f"{t_flops / (t_read + t_solve):.2f}x read + solve")
+    print(
+        f"target (issue 6): gram + solve within 1.5x of read + solve -> {target:.2f}x "
+        f"({'met' if target <= 1.5 else 'not met'}); flops at the measured GEMM rate alone are "
+        f"{t_flops / (t_read + t_solve):.2f}x read + solve"
+    )
     # CPU time per call: independent of the share of a contended machine this process got.
     reps = max(1, a.repeats // 2)
-    cpu = {"fastlin gram": _cpu_seconds(lambda: op(x, y, sw), reps),
-           "read (x.sum)": _cpu_seconds(lambda: x.sum(), reps)}
+    cpu = {
+        "fastlin gram": _cpu_seconds(lambda: op(x, y, sw), reps),
+        "read (x.sum)": _cpu_seconds(lambda: x.sum(), reps),
+    }
     if dt == torch.float32:
         cpu["sgemm x.T @ x"] = _cpu_seconds(lambda: x.T @ x, reps)
     print("CPU time per call (all threads): " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in cpu.items()))
@@ -150,9 +178,19 @@ def main(argv=None) -> None:
         print(format_table(["solved weights on x = 100 + randn (vs float64)", "rel error"], acc))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"case": vars(a), "machine": info, "limits": lim.as_dict(),
-                       "stats": {k: (v.as_dict() if v else None) for k, v in stats.items()},
-                       "cpu_seconds": cpu, "target_ratio": target, "accuracy": acc}, f, indent=1)
+            json.dump(
+                {
+                    "case": vars(a),
+                    "machine": info,
+                    "limits": lim.as_dict(),
+                    "stats": {k: (v.as_dict() if v else None) for k, v in stats.items()},
+                    "cpu_seconds": cpu,
+                    "target_ratio": target,
+                    "accuracy": acc,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ import sys
 
 import pytest
 import torch
+from conftest import STATUS, rel_error
 
 import fastlin
 from fastlin import reference
-
-from conftest import STATUS, rel_error
 
 pytestmark = pytest.mark.skipif(not STATUS["cpp"][0], reason=f"backend cpp unavailable: {STATUS['cpp'][1]}")
 
@@ -85,13 +84,17 @@ def test_gram_layouts(dtype):
     y_wide = torch.randn(N, 2 * O).to(dtype)
     w_wide = (torch.rand(2 * N) + 0.5).to(dtype)
     xs = {
-        "cols_stride2": base[:, ::2],             # row stride 2D, column stride 2
-        "transposed": t_store.T,                  # column-major: stride (1, N)
+        "cols_stride2": base[:, ::2],  # row stride 2D, column stride 2
+        "transposed": t_store.T,  # column-major: stride (1, N)
         "rows_stride2": torch.randn(2 * N, D).to(dtype)[::2],  # unit columns, row stride 2D
         "general": torch.randn(2 * N, 3 * D).to(dtype)[::2, ::3],
         "expanded": torch.randn(1, D).to(dtype).expand(N, D),  # stride (0, 1)
     }
-    ys = {"contiguous": torch.randn(N, O).to(dtype), "cols_stride2": y_wide[:, ::2], "transposed": torch.randn(O, N).to(dtype).T}
+    ys = {
+        "contiguous": torch.randn(N, O).to(dtype),
+        "cols_stride2": y_wide[:, ::2],
+        "transposed": torch.randn(O, N).to(dtype).T,
+    }
     for xn, x in xs.items():
         for yn, y in ys.items():
             for w in (None, w_wide[::2]):
@@ -133,7 +136,7 @@ def test_gram_deterministic_and_thread_count_independent():
 def _solve(G, D):
     # Normal equations of [X 1] w = y from the augmented Gram (float64).
     A = G[: D + 1, : D + 1]
-    B = G[: D + 1, D + 1:]
+    B = G[: D + 1, D + 1 :]
     return torch.linalg.solve(A, B)
 
 
@@ -158,14 +161,30 @@ def test_gram_solve_accuracy_large_mean(dtype):
     [
         (lambda: (torch.randn(5), torch.randn(5, 1), None), "fastlin.gram: input must be 2-D"),
         (lambda: (torch.randn(5, 2), torch.randn(5), None), "fastlin.gram: target must be 2-D"),
-        (lambda: (torch.randn(5, 2), torch.randn(4, 1), None), r"fastlin.gram: target must have shape \(5, 1\)"),
-        (lambda: (torch.randn(5, 2), torch.randn(5, 1).double(), None), "fastlin.gram: target must have the dtype"),
-        (lambda: (torch.randint(0, 3, (5, 2)), torch.randint(0, 3, (5, 1)), None),
-         "fastlin.gram: input must be float32, float64"),
-        (lambda: (torch.randn(5, 2), torch.randn(5, 1), torch.rand(4)), r"fastlin.gram: sample_weight must have shape \(5,\)"),
-        (lambda: (torch.randn(5, 2), torch.randn(5, 1), torch.rand(5, 1)), r"fastlin.gram: sample_weight must have shape \(5,\)"),
-        (lambda: (torch.randn(5, 2), torch.randn(5, 1), torch.rand(5).double()),
-         "fastlin.gram: sample_weight must have the dtype"),
+        (
+            lambda: (torch.randn(5, 2), torch.randn(4, 1), None),
+            r"fastlin.gram: target must have shape \(5, 1\)",
+        ),
+        (
+            lambda: (torch.randn(5, 2), torch.randn(5, 1).double(), None),
+            "fastlin.gram: target must have the dtype",
+        ),
+        (
+            lambda: (torch.randint(0, 3, (5, 2)), torch.randint(0, 3, (5, 1)), None),
+            "fastlin.gram: input must be float32, float64",
+        ),
+        (
+            lambda: (torch.randn(5, 2), torch.randn(5, 1), torch.rand(4)),
+            r"fastlin.gram: sample_weight must have shape \(5,\)",
+        ),
+        (
+            lambda: (torch.randn(5, 2), torch.randn(5, 1), torch.rand(5, 1)),
+            r"fastlin.gram: sample_weight must have shape \(5,\)",
+        ),
+        (
+            lambda: (torch.randn(5, 2), torch.randn(5, 1), torch.rand(5).double()),
+            "fastlin.gram: sample_weight must have the dtype",
+        ),
     ],
 )
 def test_gram_bad_input(make, match):
@@ -185,8 +204,11 @@ def test_gram_entry_point_uses_kernel():
 
 
 def test_gram_opcheck():
-    for N, D, O, dtype, weighted in [(7, 3, 1, torch.float32, False), (33, 5, 2, torch.float64, True),
-                                     (0, 2, 1, torch.float32, True)]:
+    for N, D, O, dtype, weighted in [
+        (7, 3, 1, torch.float32, False),
+        (33, 5, 2, torch.float64, True),
+        (0, 2, 1, torch.float32, True),
+    ]:
         x, y, w = _data(N, D, O, dtype, weighted)
         torch.library.opcheck(gram_op, (x, y, w))
 
@@ -220,5 +242,9 @@ print("ISA OK")
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_gram_on_isa(isa):
     env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "ISA OK" in r.stdout, f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    r = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0 and "ISA OK" in r.stdout, (
+        f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    )

@@ -104,6 +104,24 @@ def test_gram_layouts(dtype):
                     raise AssertionError(f"x {xn}, y {yn}, weighted {w is not None}: {e}") from None
 
 
+def test_gram_empty_feature_or_target_blocks():
+    for N, D, O in [(5, 0, 1), (5, 2, 0), (9000, 0, 2), (3, 0, 0)]:
+        x, y, w = _data(N, D, O, torch.float32, True)
+        _check(x, y, w, torch.float32)
+
+
+def test_gram_non_finite_row0():
+    # Row 0 is the shift: an inf there must not poison the other statistics (its shift entry is
+    # replaced by 0): the same entries are finite as in the oracle, and those agree.
+    x, y, _ = _data(300, 3, 1, torch.float32, False)
+    x[0, 1] = float("inf")
+    out, ref = gram_op(x, y, None), reference.gram(x, y, None)
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    assert out[1, 1] == float("inf")
+    fin = ref.isfinite()
+    assert rel_error(out[fin], ref[fin]) <= TOL[torch.float32]
+
+
 def test_gram_integer_weights_repeat_rows():
     # sample_weight = ones must give exactly the unweighted matrix's values up to rounding, and
     # integer weights must equal repeating rows.

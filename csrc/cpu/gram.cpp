@@ -76,9 +76,10 @@ at::Tensor gram_cpu(const at::Tensor& input, const at::Tensor& target, const c10
   K.shift[fmt](a, c.data());
 
   // Fixed chunks (they depend on N and P only): at least kChunkRows rows, and few enough that the
-  // per-chunk float64 partials fit in kPartialBytes.
+  // per-chunk float64 partials fit in kPartialBytes (at least 2 chunks: for a huge P the partials
+  // then take twice the output's memory).
   const int64_t partial = ld * ld;
-  const int64_t max_chunks = std::max<int64_t>(8, kPartialBytes / (8 * partial));
+  const int64_t max_chunks = std::max<int64_t>(2, kPartialBytes / (8 * partial));
   const int64_t chunk_rows = std::max(kChunkRows, cpu::round_up((N + max_chunks - 1) / max_chunks, 256));
   const int64_t nchunks = (N + chunk_rows - 1) / chunk_rows;
   // Each chunk is summed by one thread into its own partial; the partials are added in chunk
@@ -115,7 +116,10 @@ at::Tensor gram_cpu(const at::Tensor& input, const at::Tensor& target, const c10
   for (int64_t i = 0; i < P; ++i) {
     const double gi = up(i, D), ci = c[i];
     for (int64_t j = i; j < P; ++j) {
-      const double v = total[i * ld + j] + gi * c[j] + ci * up(j, D) + s * ci * c[j];
+      double v = total[i * ld + j];
+      // (terms with a zero shift skipped: an inf in the data must give inf, not inf * 0 = nan)
+      if (c[j] != 0.0) v += gi * c[j];
+      if (ci != 0.0) v += ci * up(j, D) + s * ci * c[j];
       o[i * P + j] = v;
       o[j * P + i] = v;
     }

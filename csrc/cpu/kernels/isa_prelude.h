@@ -12,3 +12,4 @@
 #include "cpu/kernels/linear.h"
 #include "cpu/kernels/mse.h"
 #include "cpu/kernels/sgd.h"
+#include "cpu/kernels/gram.h"

@@ -9,3 +9,4 @@
 #include <limits>
 
 #include "cpu/isa.h"
+#include "cpu/kernels/fused.h"

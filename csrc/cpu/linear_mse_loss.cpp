@@ -34,9 +34,10 @@ Grads linear_mse_loss_aten(const at::Tensor& input, const at::Tensor& weight, co
   }
   auto g = r * scale;
   auto dt = input.scalar_type();
-  auto empty = input.new_empty({0});
-  return {loss.to(dt), mask[0] ? at::mm(g, weight.to(acc)).to(dt) : empty, mask[1] ? at::mm(g.t(), x).to(dt) : empty,
-          mask[2] ? g.sum(0).to(dt) : empty, mask[3] ? g.neg().to(dt) : empty};
+  auto empty = [&] { return input.new_empty({0}); };  // one per output: outputs must not alias
+  return {loss.to(dt), mask[0] ? at::mm(g, weight.to(acc)).to(dt) : empty(),
+          mask[1] ? at::mm(g.t(), x).to(dt) : empty(), mask[2] ? g.sum(0).to(dt) : empty(),
+          mask[3] ? g.neg().to(dt) : empty()};
 }
 
 // out (input's dtype) = scale * src (double), element by element.
@@ -70,9 +71,9 @@ Grads linear_mse_loss_cpu(const at::Tensor& input, const at::Tensor& weight, con
   if (has(bias)) b = bias->to(acc).contiguous();
   const bool mean = reduction == "mean";
   const double scale = mean ? 2.0 / (static_cast<double>(N) * static_cast<double>(O)) : 2.0;
-  auto empty = input.new_empty({0});
-  at::Tensor gi = mask[0] ? at::empty({N, D}, input.options()) : empty;
-  at::Tensor gt = mask[3] ? at::empty({N, O}, input.options()) : empty;
+  auto empty = [&] { return input.new_empty({0}); };  // one per output: outputs must not alias
+  at::Tensor gi = mask[0] ? at::empty({N, D}, input.options()) : empty();
+  at::Tensor gt = mask[3] ? at::empty({N, O}, input.options()) : empty();
   if (std::getenv("FASTLIN_DEBUG_POISON")) {
     // Tests set this so that an element the kernel fails to write shows up as NaN.
     if (mask[0]) gi.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -107,8 +108,8 @@ Grads linear_mse_loss_cpu(const at::Tensor& input, const at::Tensor& weight, con
   if (mean) loss /= static_cast<double>(N) * static_cast<double>(O);
   return {at::scalar_tensor(loss, input.options()),
           gi,
-          mask[1] ? scaled_from_double(pass.dw(), {O, D}, scale, input.options()) : empty,
-          mask[2] ? scaled_from_double(pass.db(), {O}, scale, input.options()) : empty,
+          mask[1] ? scaled_from_double(pass.dw(), {O, D}, scale, input.options()) : empty(),
+          mask[2] ? scaled_from_double(pass.db(), {O}, scale, input.options()) : empty(),
           gt};
 }
 

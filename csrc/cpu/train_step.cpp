@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "checks.h"
 
@@ -84,6 +85,11 @@ void* AlignedBuffer::get(size_t bytes) {
   return reinterpret_cast<void*>((p + 63) & ~static_cast<uintptr_t>(63));
 }
 
+namespace {
+// A pass runs on T threads only when its estimated single-thread time is >= T * kForkNs.
+constexpr double kForkNs = 20000;
+}  // namespace
+
 FusedPass::FusedPass(const cpu::FusedProblem& prob)
     : prob_(prob), k_(cpu::fused_kernels()), max_threads_(std::max(1, at::get_num_threads())) {
   // Tuning / testing knobs: force a kernel path or a tile height (results stay deterministic).
@@ -93,6 +99,19 @@ FusedPass::FusedPass(const cpu::FusedProblem& prob)
   }
   if (const char* s = std::getenv("FASTLIN_FUSED_TILE_ROWS")) prob_.tile_rows = std::max<int64_t>(1, std::atoll(s));
   k_.plan(prob_);
+  // A fork + join costs a few microseconds here, so a pass stays on one thread until its estimated
+  // single-thread time is well above that: ~0.12 ns per byte of x streamed from memory (~8 GB/s
+  // per core) plus ~0.05 ns per (feature, output) pair of the two products (16 FMAs per cycle at
+  // ~3.6 GHz, ~60% of the peak), plus per-row overhead.
+  {
+    const double esize = prob_.fmt == cpu::FusedFmt::f64 ? 8 : prob_.fmt == cpu::FusedFmt::f32 ? 4 : 2;
+    const double per_row = 0.12 * esize * static_cast<double>(prob_.D) +
+                           0.05 * static_cast<double>(prob_.D) * static_cast<double>(std::max<int64_t>(prob_.O, 1)) *
+                               (prob_.gi ? 1.5 : 1.0) +
+                           5.0;
+    fork_rows_ = max_threads_ <= 1 ? std::numeric_limits<int64_t>::max()
+                                   : std::max<int64_t>(1, static_cast<int64_t>(kForkNs / per_row));
+  }
   scratch_stride_ = (k_.scratch_bytes(prob_) + 63) / 64 * 64;
   scratch_.get(scratch_stride_ * static_cast<size_t>(max_threads_));
   const auto T = static_cast<size_t>(max_threads_);
@@ -105,25 +124,10 @@ FusedPass::FusedPass(const cpu::FusedProblem& prob)
   }
 }
 
-namespace {
-// A pass runs on T threads only when its estimated single-thread time is >= T * kForkNs.
-constexpr double kForkNs = 20000;
-}  // namespace
-
-// Threads for a pass over n rows. A fork + join costs a few microseconds here, so a pass runs on
-// one thread until its estimated single-thread time is well above that: ~0.12 ns per byte of x
-// streamed from memory (~8 GB/s per core) plus ~0.05 ns per multiply-add of the two products
-// (one 16-lane FMA per cycle at 2.6 GHz, ~60% of peak), plus per-row overhead.
+// Threads for a pass over n rows: fork_rows_ (set in the constructor) rows per thread at least.
 int FusedPass::threads_for(int64_t n) const {
-  if (max_threads_ <= 1) return 1;
-  const double esize = prob_.fmt == cpu::FusedFmt::f64 ? 8 : prob_.fmt == cpu::FusedFmt::f32 ? 4 : 2;
-  const double per_row = 0.12 * esize * static_cast<double>(prob_.D) +
-                         0.05 * static_cast<double>(prob_.D) * static_cast<double>(std::max<int64_t>(prob_.O, 1)) *
-                             (prob_.gi ? 1.5 : 1.0) +
-                         5.0;
-  const double ns = per_row * static_cast<double>(n);
-  const int64_t t = static_cast<int64_t>(ns / kForkNs);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({t, max_threads_, n})));
+  if (n < fork_rows_) return 1;
+  return static_cast<int>(std::min<int64_t>(max_threads_, n / fork_rows_));
 }
 
 void FusedPass::run(int64_t n) {
@@ -227,6 +231,10 @@ FusedTrainer::FusedTrainer(const at::Tensor& input, const at::Tensor& target, co
     sw_base_ = static_cast<const char*>(sw_.data_ptr());
     sw_step_ = sw_.stride(0) * static_cast<int64_t>(sw_.element_size());
   }
+  wp_ = w_.data_ptr();
+  bp_ = b_.defined() ? b_.data_ptr() : nullptr;
+  wmp_ = wm_.defined() ? wm_.data_ptr() : nullptr;
+  bmp_ = bm_.defined() ? bm_.data_ptr() : nullptr;
   p.w = w_.data_ptr();
   p.b = b_.defined() ? b_.data_ptr() : nullptr;
   p.want_dw = true;
@@ -236,10 +244,10 @@ FusedTrainer::FusedTrainer(const at::Tensor& input, const at::Tensor& target, co
 
 template <typename T>
 bool FusedTrainer::update(bool first_step, bool check_finite, double gscale) {
-  T* w = w_.data_ptr<T>();
-  T* wm = wm_.defined() ? wm_.data_ptr<T>() : nullptr;
-  T* b = b_.defined() ? b_.data_ptr<T>() : nullptr;
-  T* bm = bm_.defined() ? bm_.data_ptr<T>() : nullptr;
+  T* w = static_cast<T*>(wp_);
+  T* wm = static_cast<T*>(wmp_);
+  T* b = static_cast<T*>(bp_);
+  T* bm = static_cast<T*>(bmp_);
   const int64_t nw = O_ * D_;
   if (!check_finite) {
     sgd_values<T>(w, wm, pass_->dw(), gscale, nw, opt_, first_step, w, wm);

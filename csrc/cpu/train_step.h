@@ -56,6 +56,7 @@ class FusedPass {
   cpu::FusedProblem prob_;
   const cpu::FusedKernels& k_;
   int max_threads_;
+  int64_t fork_rows_ = 0;  // a pass forks only from this many rows on (threads_for)
   size_t scratch_stride_ = 0;
   AlignedBuffer scratch_;
   std::vector<double> part_dw_, part_db_;  // max_threads x (O * D), max_threads x O
@@ -88,6 +89,7 @@ class FusedTrainer {
   at::Tensor x_, y_, sw_;                  // what the pointers point into (kept alive)
   at::Tensor w_, b_, wm_, bm_;             // contiguous parameters (maybe working copies)
   at::Tensor w_user_, b_user_, wm_user_, bm_user_;  // the caller's tensors, when copies were made
+  void *wp_ = nullptr, *bp_ = nullptr, *wmp_ = nullptr, *bmp_ = nullptr;  // data of w_, b_, wm_, bm_
   const char* x_base_ = nullptr;
   const char* y_base_ = nullptr;
   const char* sw_base_ = nullptr;

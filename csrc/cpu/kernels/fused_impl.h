@@ -82,6 +82,29 @@ inline double lane_sum_double(f32x16 v) {
 }
 inline double lane_sum_double(f64x8 v) { return vhsum(v); }
 
+// Four lane sums at once (a transposing reduction: 8 shuffles and 4 adds for four vectors
+// instead of four separate reductions).
+inline void hsum4(const f32x16 (&a)[4], float (&out)[4]) {
+  const f32x16 u01 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                     __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const f32x16 u23 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                     __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const f32x16 v = __builtin_shufflevector(u01, u23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                   __builtin_shufflevector(u01, u23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const f32x16 w = __builtin_shufflevector(v, v, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
+                   __builtin_shufflevector(v, v, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int i = 0; i < 4; ++i) out[i] = w[2 * i] + w[2 * i + 1];
+}
+inline void hsum4(const f64x8 (&a)[4], double (&out)[4]) {
+  const f64x8 u01 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(a[0], a[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  const f64x8 u23 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(a[2], a[3], 4, 5, 6, 7, 12, 13, 14, 15);
+  const f64x8 v = __builtin_shufflevector(u01, u23, 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(u01, u23, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int i = 0; i < 4; ++i) out[i] = v[2 * i] + v[2 * i + 1];
+}
+
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 template <typename S>
@@ -116,7 +139,7 @@ Layout layout(const FusedProblem& p) {
     return at;
   };
   L.xr = take(TR * static_cast<int64_t>(sizeof(void*)));
-  if (K<F>::kPack) L.xpack = take(TR * L.Dp * static_cast<int64_t>(sizeof(S)));
+  if (K<F>::kPack && outer) L.xpack = take(TR * L.Dp * static_cast<int64_t>(sizeof(S)));
   L.rt = take(TR * (L.Op > 0 ? L.Op : 1) * static_cast<int64_t>(sizeof(S)));
   L.bp = take((L.Op > 0 ? L.Op : 1) * static_cast<int64_t>(sizeof(S)));
   L.dbt = take((L.Op > 0 ? L.Op : 1) * static_cast<int64_t>(sizeof(S)));
@@ -255,7 +278,7 @@ inline void tile_rows_ptrs(Tile<F>& t, typename K<F>::S* xpack, int64_t Dp) {
 // dot path: O < kOuterMinO. R rows in flight; per output o a dot product along D (R accumulators),
 // then the R residuals go into dW[o] with one load/store of each dW vector per R rows.
 
-template <Fmt F, int R>
+template <Fmt F, int R, int OC>
 inline void dot_block(const Tile<F>& t, int64_t i0, typename K<F>::S* __restrict dwt, typename K<F>::S* __restrict dbt,
                       const typename K<F>::S* __restrict bp, typename K<F>::S& loss_t, double& wsum_t) {
   using E = typename K<F>::E;
@@ -263,14 +286,17 @@ inline void dot_block(const Tile<F>& t, int64_t i0, typename K<F>::S* __restrict
   using V = typename K<F>::V;
   constexpr int W = K<F>::W;
   const FusedProblem& p = t.p;
-  const int64_t D = p.D, O = p.O, nfull = D / W * W;
+  // OC: O as a compile-time constant (1), or 0 for O at run time.
+  const int64_t D = p.D, O = OC ? OC : p.O, nfull = D / W * W;
   const S* w = static_cast<const S*>(p.w);
-  const S* xp[R];
+  // Rows are read in their storage format (bf16/f16 converted in registers, twice: cheaper than
+  // a converted copy of the tile).
+  const E* xp[R];
   int64_t g[R];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    xp[i] = t.xr[i0 + i];
     g[i] = t.phys(i0 + i);
+    xp[i] = static_cast<const E*>(p.x) + g[i] * p.x_rs;
   }
   S sw[R];
 #pragma GCC unroll 8
@@ -290,22 +316,29 @@ inline void dot_block(const Tile<F>& t, int64_t i0, typename K<F>::S* __restrict
     // apart at D = 256) defeats the hardware prefetchers; 262144x256x1 on one core from DRAM took
     // 3.1x the time of a plain read that way, 1.3x with sequential rows. Two accumulators per row
     // halve the FMA dependency chain; out-of-order execution overlaps the rows.
+    V acc[R];
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const S* xi = xp[i];
+      const E* xi = xp[i];
       V a0 = vzero<V>(), a1 = vzero<V>();
       int64_t c = 0;
       for (; c + 2 * W <= nfull; c += 2 * W) {
-        a0 += ld<V>(xi + c) * ld<V>(wo + c);
-        a1 += ld<V>(xi + c + W) * ld<V>(wo + c + W);
+        a0 += vload<F>(xi + c) * ld<V>(wo + c);
+        a1 += vload<F>(xi + c + W) * ld<V>(wo + c + W);
       }
-      if (c < nfull) a0 += ld<V>(xi + c) * ld<V>(wo + c);
-      s[i] = nfull > 0 ? vhsum(a0 + a1) : S(0);
+      if (c < nfull) a0 += vload<F>(xi + c) * ld<V>(wo + c);
+      acc[i] = a0 + a1;
+    }
+    if constexpr (R == 4) {
+      hsum4(acc, s);
+    } else {
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) s[i] = vhsum(acc[i]);
     }
     for (int64_t d = nfull; d < D; ++d) {
       const S wd = wo[d];
 #pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) s[i] += xp[i][d] * wd;
+      for (int i = 0; i < R; ++i) s[i] += to_acc<F>(xp[i][d]) * wd;
     }
     S dbo = 0;
 #pragma GCC unroll 8
@@ -336,13 +369,13 @@ inline void dot_block(const Tile<F>& t, int64_t i0, typename K<F>::S* __restrict
       for (int64_t c = 0; c < nfull; c += W) {
         V dv = ld<V>(dwo + c);
 #pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) dv += rv[i] * ld<V>(xp[i] + c);
+        for (int i = 0; i < R; ++i) dv += rv[i] * vload<F>(xp[i] + c);
         st<V>(dwo + c, dv);
       }
       for (int64_t d = nfull; d < D; ++d) {
         S dv = dwo[d];
 #pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) dv += rr[i][o] * xp[i][d];
+        for (int i = 0; i < R; ++i) dv += rr[i][o] * to_acc<F>(xp[i][d]);
         dwo[d] = dv;
       }
     }
@@ -525,7 +558,7 @@ void pass_impl(const FusedProblem& p, int64_t begin, int64_t end, void* scratch,
   const bool outer = p.path == FusedPath::outer;
   const S* w = static_cast<const S*>(p.w);
 
-  S* xpack = K<F>::kPack ? reinterpret_cast<S*>(sb + L.xpack) : nullptr;
+  S* xpack = K<F>::kPack && outer ? reinterpret_cast<S*>(sb + L.xpack) : nullptr;
   S* rt = reinterpret_cast<S*>(sb + L.rt);
   S* bp = reinterpret_cast<S*>(sb + L.bp);
   S* dbt = reinterpret_cast<S*>(sb + L.dbt);
@@ -570,15 +603,20 @@ void pass_impl(const FusedProblem& p, int64_t begin, int64_t end, void* scratch,
   for (int64_t t0 = begin; t0 < end; t0 += TR) {
     t.t0 = t0;
     t.n = end - t0 < TR ? end - t0 : TR;
-    tile_rows_ptrs<F>(t, xpack, Dp);
+    if (outer) tile_rows_ptrs<F>(t, xpack, Dp);  // the dot path reads rows in place
     double tile_wsum = 0;
 
     if (!outer) {
       if (p.want_dw) std::memset(dwt, 0, sizeof(S) * static_cast<size_t>(O * D));
       S loss_t = 0;
       int64_t i = 0;
-      for (; i + kDotRows <= t.n; i += kDotRows) dot_block<F, kDotRows>(t, i, dwt, dbt, bp, loss_t, tile_wsum);
-      for (; i < t.n; ++i) dot_block<F, 1>(t, i, dwt, dbt, bp, loss_t, tile_wsum);
+      if (O == 1) {
+        for (; i + kDotRows <= t.n; i += kDotRows) dot_block<F, kDotRows, 1>(t, i, dwt, dbt, bp, loss_t, tile_wsum);
+        for (; i < t.n; ++i) dot_block<F, 1, 1>(t, i, dwt, dbt, bp, loss_t, tile_wsum);
+      } else {
+        for (; i + kDotRows <= t.n; i += kDotRows) dot_block<F, kDotRows, 0>(t, i, dwt, dbt, bp, loss_t, tile_wsum);
+        for (; i < t.n; ++i) dot_block<F, 1, 0>(t, i, dwt, dbt, bp, loss_t, tile_wsum);
+      }
       out.loss += static_cast<double>(loss_t);
       if (p.want_dw && out.dw) {
         for (int64_t e = 0; e < O * D; ++e) out.dw[e] += static_cast<double>(dwt[e]);
@@ -680,7 +718,7 @@ inline void plan(FusedProblem& p) {
       p.tile_rows = tr;
     } else {
       // Rows are reused from L1 right after their dot products; the tile only bounds the run
-      // length of the float dW partial (two-level summation) and the converted copy (bf16/f16).
+      // length of the float dW partial (two-level summation).
       int64_t tr = (64 * 1024) / (esize * (p.D > 0 ? p.D : 1));
       tr = tr < 16 ? 16 : tr > 512 ? 512 : tr;
       p.tile_rows = tr / kDotRows * kDotRows;

@@ -88,6 +88,8 @@ void* AlignedBuffer::get(size_t bytes) {
 namespace {
 // A pass runs on T threads only when its estimated single-thread time is >= T * kForkNs.
 constexpr double kForkNs = 20000;
+// Chunks of rows per thread of a threaded pass (see run()).
+constexpr int64_t kChunksPerThread = 4;
 }  // namespace
 
 FusedPass::FusedPass(const cpu::FusedProblem& prob)
@@ -114,13 +116,21 @@ FusedPass::FusedPass(const cpu::FusedProblem& prob)
   }
   scratch_stride_ = (k_.scratch_bytes(prob_) + 63) / 64 * 64;
   scratch_.get(scratch_stride_ * static_cast<size_t>(max_threads_));
-  const auto T = static_cast<size_t>(max_threads_);
-  part_dw_.assign(prob_.want_dw ? T * static_cast<size_t>(prob_.O * prob_.D) : 1, 0.0);
-  part_db_.assign(prob_.want_db ? T * static_cast<size_t>(prob_.O) : 1, 0.0);
-  parts_.resize(T);
-  for (size_t t = 0; t < T; ++t) {
-    parts_[t].dw = prob_.want_dw ? part_dw_.data() + t * static_cast<size_t>(prob_.O * prob_.D) : nullptr;
-    parts_[t].db = prob_.want_db ? part_db_.data() + t * static_cast<size_t>(prob_.O) : nullptr;
+  ensure_parts(1);
+}
+
+void FusedPass::ensure_parts(int chunks) {
+  if (chunks <= static_cast<int>(parts_.size())) return;
+  const size_t C = static_cast<size_t>(chunks);
+  const size_t nw = prob_.want_dw ? static_cast<size_t>(prob_.O * prob_.D) : 0;
+  const size_t nb = prob_.want_db ? static_cast<size_t>(prob_.O) : 0;
+  // Not zeroed: every pass() starts by clearing its partial.
+  part_dw_.reset(new double[std::max<size_t>(1, C * nw)]);
+  part_db_.reset(new double[std::max<size_t>(1, C * nb)]);
+  parts_.assign(C, cpu::FusedPartial{});
+  for (size_t c = 0; c < C; ++c) {
+    parts_[c].dw = nw ? part_dw_.get() + c * nw : nullptr;
+    parts_[c].db = nb ? part_db_.get() + c * nb : nullptr;
   }
 }
 
@@ -132,25 +142,34 @@ int FusedPass::threads_for(int64_t n) const {
 
 void FusedPass::run(int64_t n) {
   const int T = threads_for(n);
+  // The rows are split into C fixed chunks (C depends only on n and T), handed to the threads
+  // dynamically: on a shared machine a thread that gets less CPU takes fewer chunks instead of
+  // holding the other one at the join. Each chunk has its own partial sums, reduced in chunk
+  // order, so the result does not depend on which thread ran which chunk.
+  const int C = T == 1 ? 1
+                       : static_cast<int>(std::min<int64_t>(kChunksPerThread * static_cast<int64_t>(T),
+                                                            std::max<int64_t>(T, n / fork_rows_)));
+  ensure_parts(C);
   char* base = static_cast<char*>(scratch_.get(scratch_stride_ * static_cast<size_t>(max_threads_)));
-  if (T == 1) {
+  if (C == 1) {
     k_.pass(prob_, 0, n, base, parts_[0]);
   } else {
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t) {
-      k_.pass(prob_, n * t / T, n * (t + 1) / T, base + scratch_stride_ * static_cast<size_t>(t), parts_[t]);
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
+    for (int c = 0; c < C; ++c) {
+      char* scratch = base + scratch_stride_ * static_cast<size_t>(omp_get_thread_num());
+      k_.pass(prob_, n * c / C, n * (c + 1) / C, scratch, parts_[c]);
     }
-    // Fixed-order reduction into thread 0's partials.
+    // Fixed-order reduction into chunk 0's partials.
     cpu::FusedPartial& p0 = parts_[0];
     const int64_t nw = prob_.O * prob_.D;
-    for (int t = 1; t < T; ++t) {
-      const cpu::FusedPartial& pt = parts_[t];
+    for (int c = 1; c < C; ++c) {
+      const cpu::FusedPartial& pc = parts_[c];
       if (p0.dw)
-        for (int64_t e = 0; e < nw; ++e) p0.dw[e] += pt.dw[e];
+        for (int64_t e = 0; e < nw; ++e) p0.dw[e] += pc.dw[e];
       if (p0.db)
-        for (int64_t o = 0; o < prob_.O; ++o) p0.db[o] += pt.db[o];
-      p0.loss += pt.loss;
-      p0.wsum += pt.wsum;
+        for (int64_t o = 0; o < prob_.O; ++o) p0.db[o] += pc.db[o];
+      p0.loss += pc.loss;
+      p0.wsum += pc.wsum;
     }
   }
   loss = parts_[0].loss;

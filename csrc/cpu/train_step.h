@@ -36,8 +36,9 @@ class AlignedBuffer {
 };
 
 // The fused pass over a row set of one problem, threaded: owns the plan, the per-thread scratch
-// and partials (sized once, reused by every run), and reduces the partials in thread order, so
-// results depend only on the inputs and on the number of threads the row count selects.
+// and the per-chunk partials (grown once, reused by every run), and reduces the partials in chunk
+// order, so results depend only on the inputs and on the number of threads (at most 4 chunks per
+// thread: peak extra memory O(threads x O x D)).
 class FusedPass {
  public:
   // prob: D, O, fmt and the data pointers (x, y, w, b, sample weights, outputs) set by the caller;
@@ -47,8 +48,8 @@ class FusedPass {
   // Runs rows [0, n) of problem() (physical rows problem().rows[i], or i). Afterwards dw() (O x D),
   // db() (O) and loss / wsum hold the totals (double).
   void run(int64_t n);
-  const double* dw() const { return part_dw_.data(); }
-  const double* db() const { return part_db_.data(); }
+  const double* dw() const { return part_dw_.get(); }
+  const double* db() const { return part_db_.get(); }
   double loss = 0, wsum = 0;
   int threads_for(int64_t n) const;
 
@@ -59,7 +60,8 @@ class FusedPass {
   int64_t fork_rows_ = 0;  // a pass forks only from this many rows on (threads_for)
   size_t scratch_stride_ = 0;
   AlignedBuffer scratch_;
-  std::vector<double> part_dw_, part_db_;  // max_threads x (O * D), max_threads x O
+  void ensure_parts(int chunks);
+  std::unique_ptr<double[]> part_dw_, part_db_;  // chunks x (O * D), chunks x O
   std::vector<cpu::FusedPartial> parts_;
 };
 

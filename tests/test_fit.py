@@ -107,7 +107,8 @@ def test_sgd_options(kernel_backend_device, momentum, dampening, weight_decay, n
 
 
 @pytest.mark.parametrize("shuffle", (True, False))
-@pytest.mark.parametrize("N,D,O,batch_size", [(301, 7, 3, 64), (1000, 40, 17, 333), (50, 1, 1, 0), (9000, 16, 1, 4500)])
+@pytest.mark.parametrize("N,D,O,batch_size", [(301, 7, 3, 64), (1000, 40, 17, 333), (50, 1, 1, 0), (301, 1, 1, 64),
+                                               (9000, 16, 1, 4500)])
 def test_identical_to_train_step(kernel_backend_device, N, D, O, batch_size, shuffle):
     """fit == train_step on x[rows] for the same rows in the same order, bit for bit."""
     backend, _ = kernel_backend_device

@@ -75,7 +75,7 @@ def test_grid(kernel_backend_device, N, D, O, bias, dtype):
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
-@pytest.mark.parametrize("N,D,O", ((7, 3, 1), (300, 40, 17), (4097, 257, 3)))
+@pytest.mark.parametrize("N,D,O", ((7, 3, 1), (300, 40, 17), (4097, 257, 3), (4097, 1, 1)))
 def test_masks(kernel_backend_device, N, D, O, mask):
     backend, _ = kernel_backend_device
     x, w, b, y = problem(N, D, O, torch.float32, True)

@@ -142,7 +142,7 @@ def test_sgd_options(kernel_backend_device, momentum, dampening, weight_decay, n
 
 
 @pytest.mark.parametrize("sw_dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("N,D,O", ((7, 3, 1), (4097, 33, 3), (513, 40, 17)))
+@pytest.mark.parametrize("N,D,O", ((7, 3, 1), (4097, 33, 3), (513, 40, 17), (100, 1, 1)))
 def test_sample_weight(kernel_backend_device, N, D, O, sw_dtype):
     backend, device = kernel_backend_device
     x, y, w, b, wm, bm, sw = make_problem(N, D, O, torch.float32, True, 0.9, sample_weight=True, device=device)

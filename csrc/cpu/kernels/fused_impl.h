@@ -703,6 +703,12 @@ size_t scratch_impl(const FusedProblem& p) {
   return layout<F>(p).total;
 }
 
+// No path hands a piece to ATen's GEMM, even for large O. Measured on one core (thread CPU time,
+// x in cache): torch.mm (MKL) of 4096x256 by 256xO runs at 75 GFLOP/s for O = 16 and 92-96
+// GFLOP/s for O = 64..512 (79-82% of the 117 GFLOP/s FMA peak); the outer path's micro-kernels
+// run forward + backward of 4096x256xO at 82-86% of the peak for O = 16, 32, 64 and 256, with the
+// residual epilogue fused in. Calling mm per cache-sized tile would add dispatch per tile for no
+// gain.
 inline void plan(FusedProblem& p) {
   // The dot path keeps O residuals per row in registers: it exists for O < kOuterMinO only.
   if (p.path == FusedPath::automatic || p.O >= kOuterMinO) p.path = p.O >= kOuterMinO ? FusedPath::outer : FusedPath::dot;

@@ -6,11 +6,12 @@
 // The two numbers (float32, per row of x, D features, O outputs):
 //   bytes: 4 D read once from DRAM (+ 4 O of y); everything else (W, dW, the tile) lives in L1/L2.
 //   flops: 4 D O (2 D O forward, 2 D O backward), + 2 D O more for grad_input.
-// On this machine (2 Zen 4 cores at 2.6 GHz: one 16-lane FMA per cycle per core, ~166 GFLOP/s;
-// ~17 GB/s read) the balance point is ~10 flop/byte, i.e. O ~ 10: O = 1 is memory-bound by ~20x
-// (a single scalar-friendly pass suffices, the work is keeping both products on the L1 copy of the
-// rows), O = 16 is compute-bound (262144x256x16: 4.3 GFLOP = 26 ms at peak vs 16 ms to read x),
-// so there the micro-kernels must run near the FMA peak and the read hides under them.
+// On this machine (2 Zen 4 cores at ~3.66 GHz: one 16-lane FMA per cycle per core, 117 GFLOP/s
+// per core measured, 234 for both; ~17 GB/s read with both cores) the balance point is ~14
+// flop/byte, i.e. O ~ 14: O = 1 is memory-bound by ~14x (the work is to stream x once with the
+// prefetchers' help and do both products on the L1 copy of the rows), O = 16 is balanced to
+// compute-bound (262144x256x16: 4.3 GFLOP = 18 ms at peak vs 16 ms to read x), so there the
+// micro-kernels must run near the FMA peak and the read must hide under them.
 //
 // Accumulation: in the accumulation type S (float; double for float64) inside a tile of rows,
 // then added into per-thread double totals once per tile (two-level summation: error grows with
@@ -44,7 +45,7 @@ struct K {
   using S = typename FmtTraits<F>::Acc;   // arithmetic
   using V = typename FmtTraits<F>::V;
   static constexpr int W = FmtTraits<F>::W;
-  static constexpr bool kPack = F == Fmt::bf16 || F == Fmt::f16;  // tile converted to S first
+  static constexpr bool kPack = F == Fmt::bf16 || F == Fmt::f16;  // outer path: tile converted to S first
 };
 
 template <typename V, typename S>
@@ -166,7 +167,10 @@ struct Prefetcher {
   const char* const* rows = nullptr;  // the next tile's rows
   int64_t nrows = 0, span = 0;        // rows, bytes to cover per row (row bytes + one line)
   int64_t r = 0, off = 0, step = 1, count = 0;
-  inline void tick() {
+  // Inlined into the FMA loops (an out-of-line call there spilled registers: 76% -> 82% of the
+  // FMA peak on 4096x256x16). Blocking the k loop by `step` instead was slower (69%): for O = 16
+  // the step is 4 iterations, too short an inner loop.
+  inline __attribute__((always_inline)) void tick() {
     if (++count < step) return;
     count = 0;
     if (r >= nrows) return;

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import REL_TOL, assert_rel_close, rel_error
 
 import fastlin
-from conftest import REL_TOL, assert_rel_close, rel_error
 from fastlin import ops, reference
 
 
@@ -64,7 +64,9 @@ def check_fit(out, refs, dtype, what, start=None):
         assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.1e}"
 
 
-OPTS = dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=True)
+OPTS = dict(
+    lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=True
+)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
@@ -85,38 +87,82 @@ def test_against_reference(kernel_backend_device, N, D, O, batch_size, shuffle, 
     kw = dict(OPTS, momentum=0.9, epochs=5, batch_size=batch_size, shuffle=shuffle, seed=1234)
     # 5 epochs of up to 257 momentum steps compound float32 rounding; the error is that of the
     # float32 iterates against float64 ones, still ~1e-6 here.
-    check_fit(run_fit(backend, x, y, w, b, wm, bm, sw, **kw), reference_fit(x, y, w, b, wm, bm, sw, **kw), dtype,
-              f"{N}x{D}x{O} bs={batch_size}", start=(w, b))
+    check_fit(
+        run_fit(backend, x, y, w, b, wm, bm, sw, **kw),
+        reference_fit(x, y, w, b, wm, bm, sw, **kw),
+        dtype,
+        f"{N}x{D}x{O} bs={batch_size}",
+        start=(w, b),
+    )
 
 
-@pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov,maximize",
-                         [(0.0, 0.0, 0.0, False, False), (0.9, 0.1, 0.01, False, False),
-                          (0.9, 0.0, 0.01, True, False), (0.5, 0.0, 0.0, False, True)])
+@pytest.mark.parametrize(
+    "momentum,dampening,weight_decay,nesterov,maximize",
+    [
+        (0.0, 0.0, 0.0, False, False),
+        (0.9, 0.1, 0.01, False, False),
+        (0.9, 0.0, 0.01, True, False),
+        (0.5, 0.0, 0.0, False, True),
+    ],
+)
 @pytest.mark.parametrize("first_step", (True, False))
-def test_sgd_options(kernel_backend_device, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+def test_sgd_options(
+    kernel_backend_device, momentum, dampening, weight_decay, nesterov, maximize, first_step
+):
     backend, _ = kernel_backend_device
     x, y, w, b, wm, bm, _ = make_problem(60, 4, 2, momentum=momentum)
     if wm is not None:
         wm.normal_()
         bm.normal_()
     # maximize climbs the loss: a few small steps only.
-    kw = dict(lr=0.02, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-              maximize=maximize, first_step=first_step, epochs=4, batch_size=16, shuffle=True, seed=7)
-    check_fit(run_fit(backend, x, y, w, b, wm, bm, None, **kw), reference_fit(x, y, w, b, wm, bm, None, **kw),
-              torch.float32, str(kw), start=(w, b))
+    kw = dict(
+        lr=0.02,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+        epochs=4,
+        batch_size=16,
+        shuffle=True,
+        seed=7,
+    )
+    check_fit(
+        run_fit(backend, x, y, w, b, wm, bm, None, **kw),
+        reference_fit(x, y, w, b, wm, bm, None, **kw),
+        torch.float32,
+        str(kw),
+        start=(w, b),
+    )
 
 
 @pytest.mark.parametrize("shuffle", (True, False))
-@pytest.mark.parametrize("N,D,O,batch_size", [(301, 7, 3, 64), (1000, 40, 17, 333), (50, 1, 1, 0), (301, 1, 1, 64),
-                                               (9000, 16, 1, 4500)])
+@pytest.mark.parametrize(
+    "N,D,O,batch_size",
+    [(301, 7, 3, 64), (1000, 40, 17, 333), (50, 1, 1, 0), (301, 1, 1, 64), (9000, 16, 1, 4500)],
+)
 def test_identical_to_train_step(kernel_backend_device, N, D, O, batch_size, shuffle):
     """fit == train_step on x[rows] for the same rows in the same order, bit for bit."""
     backend, _ = kernel_backend_device
     x, y, w, b, wm, bm, sw = make_problem(N, D, O, momentum=0.9, sample_weight=True)
     epochs, seed = 3, 99
     kw = dict(OPTS, momentum=0.9, nesterov=True)
-    hist, fw, fb, fwm, fbm = run_fit(backend, x, y, w, b, wm, bm, sw, epochs=epochs, batch_size=batch_size,
-                                     shuffle=shuffle, seed=seed, **kw)
+    hist, fw, fb, fwm, fbm = run_fit(
+        backend,
+        x,
+        y,
+        w,
+        b,
+        wm,
+        bm,
+        sw,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        **kw,
+    )
     w, b, wm, bm = clone(w), clone(b), clone(wm), clone(bm)
     bs = N if batch_size <= 0 or batch_size >= N else batch_size
     gen = torch.Generator().manual_seed(seed)
@@ -127,7 +173,9 @@ def test_identical_to_train_step(kernel_backend_device, N, D, O, batch_size, shu
         total = wtotal = 0.0
         for s in range(0, N, bs):
             rows = order[s : s + bs]
-            loss = ops.train_step(x[rows], y[rows], w, b, wm, bm, sw[rows], backend=backend, first_step=first, **kw)
+            loss = ops.train_step(
+                x[rows], y[rows], w, b, wm, bm, sw[rows], backend=backend, first_step=first, **kw
+            )
             first = False
             total += float(loss) * float(sw[rows].double().sum())
             wtotal += float(sw[rows].double().sum())
@@ -152,8 +200,21 @@ def test_seed_problem(kernel_backend_device):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    hist = ops.fit(x, y, w, b, None, None, None, epochs=1000, batch_size=0, shuffle=True, seed=0, lr=0.01,
-                   backend=backend)
+    hist = ops.fit(
+        x,
+        y,
+        w,
+        b,
+        None,
+        None,
+        None,
+        epochs=1000,
+        batch_size=0,
+        shuffle=True,
+        seed=0,
+        lr=0.01,
+        backend=backend,
+    )
     # float32 iterates of two implementations drift apart by rounding over 1000 steps; both
     # converge, and agree far tighter than the distance travelled.
     assert_rel_close(w, lin.weight, torch.float32, 10, what="weight")
@@ -185,16 +246,43 @@ def test_non_finite_data(kernel_backend_device):
     backend, _ = kernel_backend_device
     x, y, w, b, wm, bm, _ = make_problem(50, 4, 1, momentum=0.9)
     x[17, 2] = math.inf
-    out = run_fit(backend, x, y, w, b, wm, bm, None, **dict(OPTS, momentum=0.9, epochs=3, batch_size=0,
-                                                             shuffle=False, seed=0))
+    out = run_fit(
+        backend,
+        x,
+        y,
+        w,
+        b,
+        wm,
+        bm,
+        None,
+        **dict(OPTS, momentum=0.9, epochs=3, batch_size=0, shuffle=False, seed=0),
+    )
     assert torch.isnan(out[0]).all()
     for a, c in zip(out[1:], (w, b, wm, bm)):
         assert torch.equal(a, c)
     # Mini-batches: the batches before the bad row's batch are applied, then the loop stops.
-    out = run_fit(backend, x, y, w, b, wm, bm, None, **dict(OPTS, momentum=0.9, epochs=3, batch_size=10,
-                                                             shuffle=False, seed=0))
-    ref = run_fit("reference", x, y, w, b, wm, bm, None, **dict(OPTS, momentum=0.9, epochs=3, batch_size=10,
-                                                                 shuffle=False, seed=0))
+    out = run_fit(
+        backend,
+        x,
+        y,
+        w,
+        b,
+        wm,
+        bm,
+        None,
+        **dict(OPTS, momentum=0.9, epochs=3, batch_size=10, shuffle=False, seed=0),
+    )
+    ref = run_fit(
+        "reference",
+        x,
+        y,
+        w,
+        b,
+        wm,
+        bm,
+        None,
+        **dict(OPTS, momentum=0.9, epochs=3, batch_size=10, shuffle=False, seed=0),
+    )
     assert torch.isnan(out[0]).all()
     assert not torch.equal(out[1], w)
     assert_rel_close(out[1], ref[1], torch.float32, what="weight after one batch")
@@ -203,8 +291,9 @@ def test_non_finite_data(kernel_backend_device):
 def test_zero_epochs(kernel_backend_device):
     backend, _ = kernel_backend_device
     x, y, w, b, _, _, _ = make_problem(10, 2, 1)
-    hist, fw, fb, _, _ = run_fit(backend, x, y, w, b, None, None, None, **dict(OPTS, epochs=0, batch_size=0,
-                                                                               shuffle=True, seed=0))
+    hist, fw, fb, _, _ = run_fit(
+        backend, x, y, w, b, None, None, None, **dict(OPTS, epochs=0, batch_size=0, shuffle=True, seed=0)
+    )
     assert hist.shape == (0,) and torch.equal(fw, w) and torch.equal(fb, b)
 
 
@@ -227,8 +316,19 @@ def test_bad_input_leaves_parameters(kernel_backend_device):
         if args["x"].shape[0] == 0:
             args["y"] = torch.randn(0, 2)
         with pytest.raises((ValueError, RuntimeError), match="fastlin.fit"):
-            ops.fit(args["x"], args["y"], w, b, wm, bm, None, epochs=args["epochs"], lr=args["lr"], momentum=0.9,
-                    backend=backend)
+            ops.fit(
+                args["x"],
+                args["y"],
+                w,
+                b,
+                wm,
+                bm,
+                None,
+                epochs=args["epochs"],
+                lr=args["lr"],
+                momentum=0.9,
+                backend=backend,
+            )
         for s, t in zip(saved, (w, b, wm, bm)):
             assert torch.equal(s, t)
 

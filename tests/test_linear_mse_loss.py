@@ -10,13 +10,18 @@ import sys
 
 import pytest
 import torch
+from conftest import REL_TOL, assert_rel_close, rel_error
 
 import fastlin
-from conftest import REL_TOL, assert_rel_close, rel_error
 from fastlin import ops, reference
 
 SHAPES = list(itertools.product((1, 7, 4097), (1, 3, 257), (1, 3, 17)))
-MASKS = [(True, True, True, True), (False, True, True, False), (True, False, False, True), (False, False, False, False)]
+MASKS = [
+    (True, True, True, True),
+    (False, True, True, False),
+    (True, False, False, True),
+    (False, False, False, False),
+]
 NAMES = ("loss", "grad_input", "grad_weight", "grad_bias", "grad_target")
 
 
@@ -28,8 +33,10 @@ def _poison(monkeypatch):
 def reference64(x, w, b, y, reduction, mask):
     """fastlin.reference.linear_mse_loss -> (outputs in float64, outputs at the kernel's precision)."""
     d = [None if t is None else t.detach().to(torch.float64) for t in (x, w, b, y)]
-    return (reference.linear_mse_loss(d[0], d[1], d[2], d[3], reduction, mask),
-            reference.linear_mse_loss(x, w, b, y, reduction, mask))
+    return (
+        reference.linear_mse_loss(d[0], d[1], d[2], d[3], reduction, mask),
+        reference.linear_mse_loss(x, w, b, y, reduction, mask),
+    )
 
 
 def check(out, refs, dtype, mask, what=""):
@@ -95,14 +102,20 @@ def test_non_contiguous(kernel_backend_device, N, D, O):
         ("row-strided", wide[:, 1 : 1 + D], y, w),
         ("row-slice", every_other[::2], y, w),
         ("transposed", x.t().contiguous().t(), y.t().contiguous().t(), w.t().contiguous().t()),
-        ("expanded", x[:1].expand(N, D), away_from((x[:1].double() @ w.double().T + b.double()).expand(N, O)).float(), w),
+        (
+            "expanded",
+            x[:1].expand(N, D),
+            away_from((x[:1].double() @ w.double().T + b.double()).expand(N, O)).float(),
+            w,
+        ),
     ]
     mask = (True, True, True, True)
     for name, xv, yv, wv in layouts:
         out = ops.linear_mse_loss(xv, wv, b, yv, "mean", mask, backend=backend)
         check(out, reference64(xv, wv, b, yv, "mean", mask), torch.float32, mask, name)
-        same = ops.linear_mse_loss(xv.contiguous(), wv.contiguous(), b, yv.contiguous(), "mean", mask,
-                                   backend=backend)
+        same = ops.linear_mse_loss(
+            xv.contiguous(), wv.contiguous(), b, yv.contiguous(), "mean", mask, backend=backend
+        )
         assert all(torch.equal(a, c) for a, c in zip(out, same)), name
 
 
@@ -194,6 +207,11 @@ def test_other_isa(isa):
         pytest.skip(f"backend cpp unavailable: {why}")
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", ISA_SCRIPT.format(tests=tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REL_TOL, rel_error
 
 import fastlin
-from conftest import REL_TOL, rel_error
 from fastlin import ops, reference
 
 SHAPES = list(itertools.product((1, 7, 4097), (1, 3, 257), (1, 3, 17)))
@@ -83,8 +83,10 @@ def run_step(backend, x, y, w, b, wm, bm, sw, **opts):
 
 def identical(a, c):
     """Two step results (tuples of tensors or None) are bit-identical."""
-    return all((u is None and v is None) or (u is not None and v is not None and torch.equal(u, v))
-               for u, v in zip(a, c))
+    return all(
+        (u is None and v is None) or (u is not None and v is not None and torch.equal(u, v))
+        for u, v in zip(a, c)
+    )
 
 
 def assert_close(out, ref64, ref_native, dtype, what):
@@ -113,7 +115,9 @@ def check_step(out, refs, w0, b0, dtype, what=""):
         assert_close(bm, rbm, nbm, t, f"{what} bias_momentum")
 
 
-STEP = dict(lr=0.5, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False)
+STEP = dict(
+    lr=0.5, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -128,24 +132,37 @@ def test_grid(kernel_backend_device, N, D, O, bias, dtype):
 
 @pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov,maximize", SGD_OPTIONS)
 @pytest.mark.parametrize("first_step", (False, True), ids=("later", "first"))
-def test_sgd_options(kernel_backend_device, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+def test_sgd_options(
+    kernel_backend_device, momentum, dampening, weight_decay, nesterov, maximize, first_step
+):
     backend, device = kernel_backend_device
-    opts = dict(lr=0.3, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                maximize=maximize, first_step=first_step)
+    opts = dict(
+        lr=0.3,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        first_step=first_step,
+    )
     for N, D, O in ((7, 3, 1), (300, 20, 17)):
         x, y, w, b, wm, bm, _ = make_problem(N, D, O, torch.float32, True, momentum, device=device)
         if first_step and wm is not None:
             wm.fill_(float("nan"))  # written, never read, on the first step
             bm.fill_(float("nan"))
         out = run_step(backend, x, y, w, b, wm, bm, None, **opts)
-        check_step(out, reference_step(x, y, w, b, wm, bm, None, **opts), w, b, torch.float32, f"{N}x{D}x{O} {opts}")
+        check_step(
+            out, reference_step(x, y, w, b, wm, bm, None, **opts), w, b, torch.float32, f"{N}x{D}x{O} {opts}"
+        )
 
 
 @pytest.mark.parametrize("sw_dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("N,D,O", ((7, 3, 1), (4097, 33, 3), (513, 40, 17), (100, 1, 1)))
 def test_sample_weight(kernel_backend_device, N, D, O, sw_dtype):
     backend, device = kernel_backend_device
-    x, y, w, b, wm, bm, sw = make_problem(N, D, O, torch.float32, True, 0.9, sample_weight=True, device=device)
+    x, y, w, b, wm, bm, sw = make_problem(
+        N, D, O, torch.float32, True, 0.9, sample_weight=True, device=device
+    )
     sw = sw.to(sw_dtype)
     opts = dict(STEP, momentum=0.9)
     out = run_step(backend, x, y, w, b, wm, bm, sw, **opts)
@@ -217,19 +234,27 @@ def test_forced_kernel_path(kernel_backend_device, monkeypatch, path, N, D, O):
     for tile in ("5", "64"):
         monkeypatch.setenv("FASTLIN_FUSED_TILE_ROWS", tile)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            x, y, w, b, wm, bm, sw = make_problem(N, D, O, dtype, True, 0.9, sample_weight=True, device=device)
+            x, y, w, b, wm, bm, sw = make_problem(
+                N, D, O, dtype, True, 0.9, sample_weight=True, device=device
+            )
             opts = dict(STEP, momentum=0.9)
             out = run_step(backend, x, y, w, b, wm, bm, sw, **opts)
-            check_step(out, reference_step(x, y, w, b, wm, bm, sw, **opts), w, b, dtype, f"{path} tile {tile}")
+            check_step(
+                out, reference_step(x, y, w, b, wm, bm, sw, **opts), w, b, dtype, f"{path} tile {tile}"
+            )
 
 
 @pytest.mark.parametrize("N,D,O", ((4097, 257, 17), (20000, 64, 1), (3000, 7, 3)))
 def test_deterministic(kernel_backend_device, N, D, O):
     """Same inputs and thread count: bit-identical loss, parameters and buffers."""
     backend, device = kernel_backend_device
-    x, y, w, b, wm, bm, sw = make_problem(N, D, O, torch.float32, True, 0.9, sample_weight=True, device=device)
+    x, y, w, b, wm, bm, sw = make_problem(
+        N, D, O, torch.float32, True, 0.9, sample_weight=True, device=device
+    )
     opts = dict(STEP, momentum=0.9)
-    assert identical(run_step(backend, x, y, w, b, wm, bm, sw, **opts), run_step(backend, x, y, w, b, wm, bm, sw, **opts))
+    assert identical(
+        run_step(backend, x, y, w, b, wm, bm, sw, **opts), run_step(backend, x, y, w, b, wm, bm, sw, **opts)
+    )
 
 
 def test_large_offsets(kernel_backend_device, tmp_path):
@@ -256,7 +281,9 @@ def test_large_offsets(kernel_backend_device, tmp_path):
     w = torch.randn(O, D)
     b = torch.randn(O)
     out = run_step(backend, x, y, w, b, None, None, None, **STEP)
-    check_step(out, reference_step(vals, y, w, b, None, None, None, **STEP), w, b, torch.float32, "2^31 offsets")
+    check_step(
+        out, reference_step(vals, y, w, b, None, None, None, **STEP), w, b, torch.float32, "2^31 offsets"
+    )
     del x, base
 
 
@@ -280,12 +307,25 @@ def test_bad_input_leaves_parameters(kernel_backend_device):
         dict(input=torch.randn(0, 4, device=device), target=torch.randn(0, 2, device=device)),
     ]
     for change in bad:
-        args = dict(input=x, target=y, sample_weight=None, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False)
+        args = dict(
+            input=x, target=y, sample_weight=None, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False
+        )
         args.update(change)
         with pytest.raises((ValueError, RuntimeError, TypeError), match="fastlin.train_step"):
-            ops.train_step(args["input"], args["target"], w, b, wm, bm, args["sample_weight"], lr=args["lr"],
-                           momentum=args["momentum"], dampening=args["dampening"], nesterov=args["nesterov"],
-                           backend=backend)
+            ops.train_step(
+                args["input"],
+                args["target"],
+                w,
+                b,
+                wm,
+                bm,
+                args["sample_weight"],
+                lr=args["lr"],
+                momentum=args["momentum"],
+                dampening=args["dampening"],
+                nesterov=args["nesterov"],
+                backend=backend,
+            )
         for s, t in zip(saved, (w, b, wm, bm)):
             assert torch.equal(s, t)
 
@@ -311,7 +351,8 @@ for path in ("dot", "outer"):
             x, y, w, b, wm, bm, sw = T.make_problem(N, D, O, dtype, True, 0.9, sample_weight=True)
             opts = dict(T.STEP, momentum=0.9)
             out = T.run_step("cpp", x, y, w, b, wm, bm, sw, **opts)
-            T.check_step(out, T.reference_step(x, y, w, b, wm, bm, sw, **opts), w, b, dtype, f"{{path}} {{N}}x{{D}}x{{O}}")
+            ref = T.reference_step(x, y, w, b, wm, bm, sw, **opts)
+            T.check_step(out, ref, w, b, dtype, f"{{path}} {{N}}x{{D}}x{{O}}")
 print("ok")
 """
 
@@ -324,6 +365,11 @@ def test_other_isa(isa):
         pytest.skip(f"backend cpp unavailable: {why}")
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", ISA_SCRIPT.format(tests=tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -5,6 +5,7 @@
     criterion = fastlin.nn.MSELoss()          # drop-in for torch.nn.MSELoss
     opt = fastlin.optim.SGD(model.parameters(), lr=0.01)
     fastlin.info()                            # which backends run here, and why not
+    reg = fastlin.FusedLinearRegressor(1, 1, lr=0.01).fit(x, y, epochs=1000)   # fused training loop
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ __version__ = "0.1.0"
 
 from fastlin import backends  # noqa: E402  (loads fastlin._C, or warns once and falls back)
 from fastlin import autograd, functional, nn, ops, optim, reference  # noqa: E402
+from fastlin.regressor import FusedLinearRegressor  # noqa: E402
 
-__all__ = ["autograd", "backends", "functional", "info", "nn", "ops", "optim", "reference", "__version__"]
+__all__ = ["FusedLinearRegressor", "autograd", "backends", "functional", "info", "nn", "ops", "optim", "reference",
+           "__version__"]
 
 
 def info(file=None) -> dict:

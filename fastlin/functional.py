@@ -18,8 +18,30 @@ def _as_2d(op: str, input: torch.Tensor) -> torch.Tensor:
     return input.unsqueeze(0) if input.dim() == 1 else input.flatten(0, -2)
 
 
+_is_compiling = torch.compiler.is_compiling
+_Tensor = torch.Tensor
+_is_native = ops.is_native
+_cpu_native = ops.cpu_native
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend=None):
     """input (..., D), weight (O, D), bias (O,) or None -> (..., O), like torch.nn.functional.linear."""
+    return _linear(input, weight, bias, backend)
+
+
+def _linear(input, weight, bias, backend):
+    # Hot path (cpp/cuda backends, eager): the registered op, whose autograd is C++
+    # (csrc/cpu/autograd.cpp), called without the OpOverload wrapper; the op checks its
+    # arguments with the same messages. torch.compile keeps tracing LinearFunction below.
+    if (isinstance(input, _Tensor) and isinstance(weight, _Tensor) and (bias is None or isinstance(bias, _Tensor))
+            and not _is_compiling()
+            and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))):
+        nd = input.dim()
+        if nd == 2:
+            return ops.native_linear(input, weight, bias)
+        if nd != 0:
+            x = input.unsqueeze(0) if nd == 1 else input.flatten(0, -2)
+            return ops.native_linear(x, weight, bias).reshape(*input.shape[:-1], weight.shape[0])
     C.check_tensor("linear", "weight", weight)
     y = LinearFunction.apply(_as_2d("linear", input), weight, bias, backend)
     return y.reshape(*input.shape[:-1], weight.shape[0])
@@ -31,6 +53,16 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
     raises instead of broadcasting."""
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    elif reduction == "elementwise_mean":  # torch's deprecated alias: accepted with torch's warning
+        torch.nn._reduction.get_enum(reduction)
+        reduction = "mean"
+    return _mse_loss(input, target, reduction, backend)
+
+
+def _mse_loss(input, target, reduction, backend):
+    if (isinstance(input, _Tensor) and isinstance(target, _Tensor) and not _is_compiling()
+            and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))):
+        return ops.native_mse_loss(input, target, reduction)  # C++ autograd, see _linear()
     return MSELossFunction.apply(input, target, reduction, backend)
 
 
@@ -44,6 +76,8 @@ def linear_mse_loss(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     x = _as_2d("linear_mse_loss", input)
     C.check_tensor("linear_mse_loss", "target", target)
     C.check_tensor("linear_mse_loss", "weight", weight)
+    # weight's rank first: the target check below reads weight.shape[0]
+    C.check_dim("linear_mse_loss", "weight", weight, 2, "(out_features, in_features)")
     if tuple(target.shape) != (*input.shape[:-1], weight.shape[0]):
         raise ValueError(
             f"fastlin.linear_mse_loss: target must have shape {C.shape_str((*input.shape[:-1], weight.shape[0]))} "

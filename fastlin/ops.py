@@ -14,6 +14,41 @@ from fastlin import _checks as C
 from fastlin import backends, reference
 
 _cache: dict[tuple[str, str], object] = {}
+_native_cache: dict[tuple, bool] = {}
+
+# The registered ops of fastlin._C, bound once (None without the extension). On the native
+# backends (cpp, cuda) linear and mse_loss carry C++ autograd kernels (csrc/cpu/autograd.cpp),
+# so fastlin.functional calls them directly: no Python autograd.Function on the hot path.
+native_linear = None
+native_mse_loss = None
+native_sgd_update_ = None
+
+
+def is_native(backend: str | None, device: torch.device) -> bool:
+    """Whether ``backend`` on ``device`` runs the torch.ops.fastlin.* ops (cpp, cuda). Cached per
+    (backend, process default, device); raises like backends.resolve for a bad/unavailable backend."""
+    if backend is not None and not isinstance(backend, str):
+        backends.resolve(backend, device)  # raises the clear error
+    key = (backend, backends._default, device)
+    r = _native_cache.get(key)
+    if r is None:
+        r = _native_cache[key] = backends.resolve(backend, device) in ("cpp", "cuda")
+    return r
+
+
+_cpu_memo: dict = {}
+_CPU = torch.device("cpu")
+
+
+def cpu_native(backend: str | None) -> bool:
+    """is_native(backend, cpu) for the hot path: one dict lookup (no device object, no key tuple;
+    torch.device.type alone costs ~0.3 us), re-resolved when the process default changes."""
+    m = _cpu_memo.get(backend) if backend is None or type(backend) is str else None
+    if m is not None and m[0] is backends._default:
+        return m[1]
+    r = is_native(backend, _CPU)
+    _cpu_memo[backend] = (backends._default, r)
+    return r
 
 
 def impl(name: str, backend: str | None, device: torch.device):
@@ -30,7 +65,10 @@ def impl(name: str, backend: str | None, device: torch.device):
             fn = getattr(torch.ops.fastlin_triton, name)
         else:
             fn = getattr(torch.ops.fastlin, name)
-        _cache[key] = fn
+        # Not while dynamo traces: a write to this module-level dict inside an autograd.Function
+        # that torch.compile traces is an "unsafe side effect" graph break (fullgraph=True fails).
+        if not torch.compiler.is_compiling():
+            _cache[key] = fn
     return fn
 
 
@@ -106,11 +144,11 @@ def _register_fakes() -> None:
     def _(grad_output, input, weight, output_mask):
         C.check_linear_args("linear_backward", input, weight, None)
         torch._check(grad_output.shape == (input.shape[0], weight.shape[0]))
-        e = input.new_empty((0,))
+        # Masked-off outputs are distinct empty tensors (the kernels never return aliases).
         return (
-            input.new_empty(input.shape) if output_mask[0] else e,
-            input.new_empty(weight.shape) if output_mask[1] else e,
-            input.new_empty((weight.shape[0],)) if output_mask[2] else e,
+            input.new_empty(input.shape if output_mask[0] else (0,)),
+            input.new_empty(weight.shape if output_mask[1] else (0,)),
+            input.new_empty((weight.shape[0],) if output_mask[2] else (0,)),
         )
 
     @torch.library.register_fake("fastlin::mse_loss")
@@ -161,3 +199,8 @@ def _register_fakes() -> None:
 
 if backends.extension_loaded():  # the schemas exist only when fastlin._C loaded
     _register_fakes()
+    # The OpOverloads' C++ callables (OpOverload.__call__ is exactly `self._op(*args)`; calling
+    # it directly saves a Python frame per op on the hot path).
+    native_linear = torch.ops.fastlin.linear.default._op
+    native_mse_loss = torch.ops.fastlin.mse_loss.default._op
+    native_sgd_update_ = torch.ops.fastlin.sgd_update_.default._op

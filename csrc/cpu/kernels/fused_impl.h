@@ -18,16 +18,10 @@
 // tile_rows + rows / tile_rows, not with rows). Loss and weight sums in double. Everything is
 // in a fixed order, so results depend only on the inputs, tile_rows and the row range.
 
-#ifndef FASTLIN_FUSED_ISA_ID_generic
-#define FASTLIN_FUSED_ISA_ID_generic 0
-#define FASTLIN_FUSED_ISA_ID_avx2 1
-#define FASTLIN_FUSED_ISA_ID_avx512 2
-#endif
-
 namespace fused {
 
 // 0 generic (SSE2: a 64-byte vector is 4 registers of 16), 1 avx2 (2 of 16), 2 avx512 (1 of 32).
-constexpr int kIsa = FASTLIN_PASTE(FASTLIN_FUSED_ISA_ID, FASTLIN_ISA);
+constexpr int kIsa = kIsaLevel;  // vec.h
 // How many 64-byte accumulators a micro-kernel may hold without spilling (leaves room for the
 // B vectors and the broadcast).
 constexpr int kAccBudget = kIsa == 2 ? 24 : kIsa == 1 ? 6 : 3;
@@ -59,14 +53,6 @@ inline V ld(const S* p) {
 template <typename V, typename S>
 inline void st(S* p, V v) {
   __builtin_memcpy(p, &v, sizeof v);
-}
-
-// Broadcast. (vec.h's vbcast is `V{} + s`, which the compiler may not fold without -ffast-math,
-// since 0 + -0 = +0: it costs a dependent scalar add per broadcast. s - 0 is s for every s, so
-// `s - V{}` folds to a plain vbroadcastss, from memory.)
-template <typename V, typename S>
-inline V bc(S s) {
-  return s - V{};
 }
 
 inline void add_to_double(double* __restrict dst, f32x16 v) {
@@ -207,7 +193,7 @@ inline void mk_rows(int64_t Kn, const S* const* a, const S* __restrict B, int64_
     for (int j = 0; j < NG; ++j) bv[j] = ld<V>(bk + j * W);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      const V av = bc<V>(ap[m][k]);
+      const V av = vbcast<V>(ap[m][k]);
 #pragma GCC unroll 8
       for (int j = 0; j < NG; ++j) acc[m][j] += av * bv[j];
     }
@@ -227,7 +213,7 @@ inline void mk_cols(int64_t Kn, const S* const* a, int64_t aoff, const S* __rest
     for (int j = 0; j < NG; ++j) bv[j] = ld<V>(bk + j * W);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      const V av = bc<V>(ak[m]);
+      const V av = vbcast<V>(ak[m]);
 #pragma GCC unroll 8
       for (int j = 0; j < NG; ++j) acc[m][j] += av * bv[j];
     }
@@ -380,7 +366,7 @@ inline void dot_block(const Tile<F>& t, int64_t i0, typename K<F>::S* __restrict
       S* dwo = dwt + o * D;
       V rv[R];
 #pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) rv[i] = bc<V>(rr[i][o]);
+      for (int i = 0; i < R; ++i) rv[i] = vbcast<V>(rr[i][o]);
       for (int64_t c = 0; c < nfull; c += W) {
         V dv = ld<V>(dwo + c);
 #pragma GCC unroll 8
@@ -402,7 +388,7 @@ inline void dot_block(const Tile<F>& t, int64_t i0, typename K<F>::S* __restrict
       E* gi = static_cast<E*>(p.gi) + g[i] * p.gi_rs;
       for (int64_t c = 0; c < nfull; c += W) {
         V a = vzero<V>();
-        for (int64_t o = 0; o < O; ++o) a += bc<V>(rr[i][o]) * ld<V>(w + o * D + c);
+        for (int64_t o = 0; o < O; ++o) a += vbcast<V>(rr[i][o]) * ld<V>(w + o * D + c);
         vstore<F>(gi + c, a * gs);
       }
       for (int64_t d = nfull; d < D; ++d) {

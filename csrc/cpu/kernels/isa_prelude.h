@@ -9,4 +9,7 @@
 #include <limits>
 
 #include "cpu/isa.h"
+#include "cpu/kernels/linear.h"
+#include "cpu/kernels/mse.h"
+#include "cpu/kernels/sgd.h"
 #include "cpu/kernels/fused.h"

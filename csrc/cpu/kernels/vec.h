@@ -9,6 +9,15 @@
 // so results may differ between ISAs in the last bit; within one ISA and thread count they are
 // deterministic.
 
+// The ISA of this translation unit as a number, for tile sizes: GCC's C++ front end does not
+// define __AVX2__ / __AVX512F__ after `#pragma GCC target`, so the kernels cannot test those.
+#define FASTLIN_ISA_LEVEL_generic 0
+#define FASTLIN_ISA_LEVEL_avx2 1
+#define FASTLIN_ISA_LEVEL_avx512 2
+#define FASTLIN_ISA_LEVEL_OF_(x) FASTLIN_ISA_LEVEL_##x
+#define FASTLIN_ISA_LEVEL_OF(x) FASTLIN_ISA_LEVEL_OF_(x)
+constexpr int kIsaLevel = FASTLIN_ISA_LEVEL_OF(FASTLIN_ISA);  // 0 generic, 1 avx2, 2 avx512
+
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -26,7 +35,8 @@ template <> struct FmtTraits<Fmt::bf16> { using Elem = uint16_t; using Acc = flo
 template <> struct FmtTraits<Fmt::f16> { using Elem = uint16_t; using Acc = float; using V = f32x16; static constexpr int W = 16; };
 
 template <typename V> inline V vzero() { return V{}; }
-template <typename V, typename S> inline V vbcast(S s) { return V{} + s; }
+// s - 0 (not 0 + s): folds to a plain broadcast (x - 0.0 == x for every x, -0.0 included).
+template <typename V, typename S> inline V vbcast(S s) { return s - V{}; }
 
 // Full-width load/store of W elements (unaligned).
 template <Fmt F> inline typename FmtTraits<F>::V vload(const typename FmtTraits<F>::Elem* p) {

@@ -1,0 +1,418 @@
+"""GPU bench of the fused train step (issues 4 and 5): stock eager, torch.compile, fastlin triton,
+fastlin cuda, and the limit, for N = 4M, D = 256, O in {1, 16}, fp32 and bf16 x.
+
+    python bench/gpu_bench.py                      # on a CUDA machine; table last, JSON with --json
+    python bench/gpu_bench.py --dry-run            # CPU: tiny sizes, Triton interpreter (tests the logic)
+
+Contenders, one training step each (forward, MSE, backward, SGD update):
+  eager     nn.Linear + nn.MSELoss + backward + torch.optim.SGD.step (foreach); for bf16 x the model
+            and optimizer are bf16 too (stock torch's own bf16 training; fastlin keeps fp32 weights).
+  compile   the same step under torch.compile (forward + loss + backward + optimizer step).
+  triton    fastlin.ops.train_step(..., backend="triton"): one pass over x + a reduce/update kernel.
+  cuda      the same with backend="cuda", when fastlin._C was built with CUDA kernels.
+  limit     one read of x at the device-to-device copy bandwidth measured in this run
+            (bandwidth = bytes read + written / time of a large copy).
+Timing: CUDA events around `inner` back-to-back steps, median over `repeats`, contenders interleaved
+within each repeat so drift hits them all; first calls (autotuning, compilation) are warm-up.
+Also timed briefly: linear_mse_loss (loss + dW + db) and sgd_update_ (a 4096 x 4096 layer + bias with
+momentum) against stock torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--outs", default="1,16", help="comma-separated O values")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--inner", type=int, default=5, help="steps per timed sample")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--no-extras", action="store_true", help="skip the linear_mse_loss / sgd_update_ timings")
+    p.add_argument(
+        "--json", default=None, help="write results here (default $OUT/gpu_bench.json when OUT is set)"
+    )
+    p.add_argument(
+        "--table", default=None, help="also write the table here (default $OUT/gpu_bench_table.txt)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU tensors through the Triton interpreter, tiny sizes: exercises the script's logic",
+    )
+    args = p.parse_args()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        args.n, args.d, args.outs, args.repeats, args.inner = 4096, 32, "1,4", 3, 1
+    return args
+
+
+ARGS = parse()
+
+import torch  # noqa: E402
+
+import fastlin  # noqa: E402
+from fastlin import ops  # noqa: E402
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_bench +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+DEV = "cpu" if ARGS.dry_run else "cuda"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Timer:
+    """ms per call of fn: CUDA events on the GPU, perf_counter on the CPU (dry run)."""
+
+    def __init__(self, inner: int):
+        self.inner = inner
+
+    def __call__(self, fn) -> float:
+        if DEV == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(self.inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / self.inner
+        t = time.perf_counter()
+        for _ in range(self.inner):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / self.inner
+
+
+def measure(contenders: dict, repeats: int, inner: int) -> dict:
+    """{name: {"median": ms, "min": ms, "max": ms}}; contenders interleaved in every repeat."""
+    timer = Timer(inner)
+    samples = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            if fn is None:
+                continue
+            try:
+                samples[name].append(timer(fn))
+            except Exception as e:  # a contender that fails at run time is dropped, with the reason
+                log(f"{name}: failed while timing: {type(e).__name__}: {e}")
+                contenders[name] = None
+    return {
+        k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items() if v
+    }
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a large device-to-device copy (GB/s)."""
+    nbytes = (1 << 30) if DEV == "cuda" else (64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ms = measure({"copy": lambda: dst.copy_(src)}, 10 if DEV == "cuda" else 5, 5 if DEV == "cuda" else 1)[
+        "copy"
+    ]
+    return 2 * nbytes / (ms["median"] * 1e-3) / 1e9
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_contenders(N, D, O, dtype, backends):
+    """The train-step contenders for one case; each a zero-argument callable doing one step."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn((N, D), generator=g, device=DEV).to(dtype)
+    w_true = torch.randn((O, D), generator=g, device=DEV) / D**0.5
+    y = (x.float() @ w_true.T + 0.1 * torch.randn((N, O), generator=g, device=DEV)).to(dtype)
+    lr = 1e-3
+    out = {}
+
+    # stock eager: the model in x's dtype
+    model = torch.nn.Linear(D, O, device=DEV, dtype=dtype)
+    loss_fn = torch.nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def eager():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    out["eager"] = eager
+
+    if not ARGS.no_compile:
+        cmodel = torch.nn.Linear(D, O, device=DEV, dtype=dtype)
+        copt = torch.optim.SGD(cmodel.parameters(), lr=lr)
+
+        @torch.compile
+        def compiled_step():
+            copt.zero_grad(set_to_none=True)
+            loss = loss_fn(cmodel(x), y)
+            loss.backward()
+            copt.step()
+            return loss
+
+        out["compile"] = compiled_step
+
+    # fastlin: float32 parameters whatever x's dtype (train_step accumulates in fp32)
+    for be in backends:
+        w = (torch.randn((O, D), generator=g, device=DEV) / D**0.5).float()
+        b = torch.zeros((O,), device=DEV)
+
+        def fused(w=w, b=b, be=be):
+            return ops.train_step(x, y, w, b, lr=lr, backend=be)
+
+        out[be] = fused
+    return x, out
+
+
+def warm(contenders: dict, what: str) -> None:
+    for name, fn in list(contenders.items()):
+        t = time.time()
+        try:
+            for _ in range(3):
+                fn()
+            sync()
+            log(f"{what}: {name} warm ({time.time() - t:.1f}s incl. compile/autotune)")
+        except Exception as e:
+            log(f"{what}: {name} FAILED to run: {type(e).__name__}: {e}")
+            traceback.print_exc(limit=3)
+            contenders[name] = None
+
+
+def bench_train_step(bw_gbs: float, backends: list, save) -> list:
+    """The train-step cases, most important first (O = 1 fp32 is the target); save(rows) after each."""
+    rows = []
+    for O in (int(o) for o in ARGS.outs.split(",")):
+        for dname in ARGS.dtypes.split(","):
+            dtype = DTYPES[dname]
+            N, D = ARGS.n, ARGS.d
+            case = f"train_step N={N} D={D} O={O} {dname}"
+            log(f"case {case}")
+            try:
+                x, cont = step_contenders(N, D, O, dtype, backends)
+            except Exception as e:
+                log(f"{case}: setup failed: {type(e).__name__}: {e}")
+                continue
+            warm(cont, case)
+            res = measure(cont, ARGS.repeats, ARGS.inner)
+            x_bytes = x.numel() * x.element_size()
+            limit = x_bytes / (bw_gbs * 1e9) * 1e3
+            rows.append(
+                {
+                    "case": case,
+                    "N": N,
+                    "D": D,
+                    "O": O,
+                    "dtype": dname,
+                    "x_bytes": x_bytes,
+                    "limit_ms": limit,
+                    "results": res,
+                }
+            )
+            log(
+                f"{case}: "
+                + ", ".join(f"{k} {v['median']:.3f} ms" for k, v in res.items())
+                + f", limit {limit:.3f} ms"
+            )
+            save(rows)  # a run cut short still leaves every finished case behind
+            del x, cont
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def bench_extras(bw_gbs: float, backends: list) -> list:
+    """linear_mse_loss (loss + grad_weight + grad_bias) and sgd_update_, briefly."""
+    return [bench_linear_mse_loss(bw_gbs, backends), bench_sgd_update(bw_gbs, backends)]
+
+
+def bench_linear_mse_loss(bw_gbs: float, backends: list) -> dict:
+    N, D, O = ARGS.n, ARGS.d, 1
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randn((N, D), generator=g, device=DEV)
+    y = torch.randn((N, O), generator=g, device=DEV)
+    w = torch.randn((O, D), generator=g, device=DEV, requires_grad=True)
+    b = torch.zeros((O,), device=DEV, requires_grad=True)
+
+    def stock_lmse():
+        loss = torch.nn.functional.mse_loss(torch.nn.functional.linear(x, w, b), y)
+        return torch.autograd.grad(loss, (w, b))
+
+    cont = {"eager": stock_lmse}
+    for be in backends:
+        cont[be] = lambda be=be: ops.linear_mse_loss(
+            x, w.detach(), b.detach(), y, "mean", (False, True, True, False), backend=be
+        )
+    warm(cont, "linear_mse_loss")
+    res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
+    x_bytes = x.numel() * 4
+    return {
+        "case": f"linear_mse_loss N={N} D={D} O={O} fp32 (loss+dW+db)",
+        "x_bytes": x_bytes,
+        "limit_ms": x_bytes / (bw_gbs * 1e9) * 1e3,
+        "results": res,
+    }
+
+
+def bench_sgd_update(bw_gbs: float, backends: list) -> dict:
+    n = 4096 * 4096 if DEV == "cuda" else 256 * 256
+    side = int(n**0.5)
+    ps = [torch.randn((side, side), device=DEV), torch.randn((side,), device=DEV)]
+    gs = [torch.randn_like(p) for p in ps]
+    bufs = [torch.randn_like(p) for p in ps]
+    tp = [p.clone().requires_grad_(True) for p in ps]
+    for p, gg in zip(tp, gs):
+        p.grad = gg.clone()
+    topt = torch.optim.SGD(tp, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    topt.step()  # creates the momentum buffers
+    cont = {"eager": topt.step}
+    try:
+        fopt = torch.optim.SGD(
+            [p.detach().clone().requires_grad_(True) for p in ps],
+            lr=1e-3,
+            momentum=0.9,
+            weight_decay=1e-4,
+            fused=True,
+        )
+        for p, gg in zip(fopt.param_groups[0]["params"], gs):
+            p.grad = gg.clone()
+        fopt.step()
+        cont["torch fused"] = fopt.step
+    except Exception as e:
+        log(f"sgd_update_: torch fused SGD unavailable: {e}")
+    for be in backends:
+        cont[be] = lambda be=be: ops.sgd_update_(ps, gs, bufs, 1e-3, 0.9, 0.0, 1e-4, backend=be)
+    warm(cont, "sgd_update_")
+    res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
+    moved = sum(p.numel() for p in ps) * 4 * 5  # read p, g, buf; write p, buf
+    return {
+        "case": f"sgd_update_ {side}x{side} + {side} fp32 momentum (5 passes)",
+        "x_bytes": moved,
+        "limit_ms": moved / (bw_gbs * 1e9) * 1e3,
+        "results": res,
+    }
+
+
+def table(rows: list, bw_gbs: float, names: list) -> str:
+    """One line per case: each contender's ms, % of copy bandwidth (limit / time), speed-ups."""
+    wid = {n: max(10, len(n) + 2) for n in names}
+    head = f"{'case':<44}" + "".join(f"{n:>{wid[n]}}" for n in names) + f"{'limit':>9}"
+    for be in ("triton", "cuda"):
+        if be in names:
+            head += f"{be + ' %BW':>11}{be + '/eager':>13}{be + '/comp':>12}"
+    lines = [
+        f"ms per call (median); copy bandwidth {bw_gbs:.0f} GB/s (read + write); "
+        "limit = one read of x (or the "
+        f"bytes an update must move) at that rate; %BW = limit / time",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        res, limit = r["results"], r["limit_ms"]
+        line = f"{r['case'][:44]:<44}"
+        for n in names:
+            line += f"{res[n]['median']:>{wid[n]}.3f}" if n in res else f"{'-':>{wid[n]}}"
+        line += f"{limit:>9.3f}"
+        for be in ("triton", "cuda"):
+            if be not in names:
+                continue
+            if be in res:
+                t = res[be]["median"]
+                eager = res.get("eager", {}).get("median")
+                comp = res.get("compile", {}).get("median")
+                line += f"{100 * limit / t:>10.0f}%"
+                line += f"{eager / t:>12.2f}x" if eager else f"{'-':>13}"
+                line += f"{comp / t:>11.2f}x" if comp else f"{'-':>12}"
+            else:
+                line += f"{'-':>11}{'-':>13}{'-':>12}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if DEV == "cuda" and not torch.cuda.is_available():
+        log(f"torch {torch.__version__}: no CUDA device, nothing to bench (use --dry-run on a CPU)")
+        return 2
+    log(
+        f"torch {torch.__version__}, triton {_triton_version()}, device {DEV}"
+        + (f" ({torch.cuda.get_device_name()})" if DEV == "cuda" else " (dry run: Triton interpreter)")
+    )
+    status = fastlin.backends.status()
+    backends = []
+    for be in ("triton", "cuda") if DEV == "cuda" else ("triton", "cpp"):
+        ok, why = status[be]
+        log(f"backend {be}: {'available' if ok else 'unavailable: ' + why}")
+        if ok:
+            backends.append(be)
+    log(f"triton tl.dot input_precision: {fastlin.triton.input_precision() if 'triton' in backends else '-'}")
+    bw = copy_bandwidth()
+    log(f"copy bandwidth: {bw:.1f} GB/s (read + write)")
+    names = ["eager"] + ([] if ARGS.no_compile else ["compile"]) + backends
+    out_dir = os.environ.get("OUT")
+    jpath = ARGS.json or (os.path.join(out_dir, "gpu_bench.json") if out_dir else None)
+    tpath = ARGS.table or (os.path.join(out_dir, "gpu_bench_table.txt") if out_dir else None)
+    meta = {
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "device": DEV,
+        "gpu": torch.cuda.get_device_name() if DEV == "cuda" else None,
+        "copy_bandwidth_gbs": bw,
+        "input_precision": fastlin.triton.input_precision() if "triton" in backends else None,
+        "repeats": ARGS.repeats,
+        "inner": ARGS.inner,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
+
+    def save(rows) -> str:
+        extra = sorted({n for r in rows for n in r["results"]} - set(names))
+        text = table(rows, bw, names + extra)
+        if jpath:
+            with open(jpath, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        if tpath:
+            with open(tpath, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    rows = bench_train_step(bw, backends, save)
+    if not ARGS.no_extras:
+        try:
+            rows += bench_extras(bw, backends)
+        except Exception as e:
+            log(f"extras failed: {type(e).__name__}: {e}")
+            traceback.print_exc(limit=3)
+    text = save(rows)
+    if jpath:
+        log(f"wrote {jpath}" + (f" and {tpath}" if tpath else ""))
+    print("\n" + text, flush=True)
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

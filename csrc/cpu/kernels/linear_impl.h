@@ -1,0 +1,455 @@
+// Linear-family kernels (table: linear.h), compiled once per ISA (see isa.h). Included inside
+// namespace fastlin::cpu::<isa>; includes nothing.
+//
+// Three forms of y = a @ B^T + bias, chosen by the glue from the shape (lanes W = 16 float32 /
+// 8 float64 accumulators per 64-byte vector):
+//   dot    (out < W):   each output is a dot product along `inner`; an R x K register tile
+//                       (R rows, K outputs, R*K <= W accumulators) is folded into ONE vector of
+//                       R*K sums by a transposed lane reduction (fold), so a row of y leaves in
+//                       one store. (Forward with O = 1: 16 rows per tile, one 16-wide store.)
+//   axpy   (out >= W):  y[n, :] = sum_i a[n, i] * B^T[i, :], vectorised along `out`; an R x C
+//                       tile (R rows, C output chunks) broadcasts a[n, i] from L1.
+//   outer  (inner == 1): y[n, o] = a[n] * b[o] + bias[o]; vectorised along rows when out == 1.
+// grad_weight (tn): per row chunk, part[k, :] += sum_n bc[n, k] * vec[n, :] in a K x C register
+// tile over sub-tiles of kTnRows rows (the vec tile stays in L1/L2 across the k blocks).
+// Within one ISA every kernel's order of operations depends only on the shape, never on the
+// thread split (the glue fixes the row chunks), so results are bit-reproducible.
+
+namespace linear_impl {
+
+// 64-byte accumulators a tile may keep in registers: 32 zmm (avx512); each vector is two ymm of
+// 16 (avx2) or four xmm of 16 (generic).
+constexpr int kRegVecs = kIsaLevel == 2 ? 16 : kIsaLevel == 1 ? 6 : 3;
+constexpr int kTnK = kIsaLevel == 2 ? 4 : kIsaLevel == 1 ? 2 : 1;
+constexpr int64_t kTnRows = 128;
+
+template <Fmt F> constexpr Fmt acc_fmt() { return F == Fmt::f64 ? Fmt::f64 : Fmt::f32; }
+
+template <int...> struct iseq {};
+template <int N, int... I> struct make_iseq : make_iseq<N - 1, N - 1, I...> {};
+template <int... I> struct make_iseq<0, I...> { using type = iseq<I...>; };
+
+// fold: vectors a, b each hold W/G groups of G partial sums (one group per accumulator); the
+// result holds the groups of a then those of b, each halved to G/2 partials (low half + high half).
+template <int W, int G, bool HI> constexpr int fold_idx(int j) {
+  const int h = G / 2, m = W / G, q = j / h, r = j % h, off = HI ? h : 0;
+  return q < m ? q * G + r + off : W + (q - m) * G + r + off;
+}
+template <int W, int G, bool HI, typename V, int... J> inline V fold_half(V a, V b, iseq<J...>) {
+  return __builtin_shufflevector(a, b, fold_idx<W, G, HI>(J)...);
+}
+template <int W, int G, typename V> inline V fold(V a, V b) {
+  using S = typename make_iseq<W>::type;
+  return fold_half<W, G, false>(a, b, S{}) + fold_half<W, G, true>(a, b, S{});
+}
+template <int W, int N, int G, typename V> inline V reduce_rec(V* v) {
+  if constexpr (N > 1) {
+    constexpr int M = (N + 1) / 2;
+    for (int i = 0; i < M; ++i) v[i] = fold<W, G>(v[2 * i], 2 * i + 1 < N ? v[2 * i + 1] : V{});
+    return reduce_rec<W, M, G / 2>(v);
+  } else if constexpr (G > 1) {
+    v[0] = fold<W, G>(v[0], v[0]);
+    return reduce_rec<W, 1, G / 2>(v);
+  } else {
+    return v[0];
+  }
+}
+// Lane j < N of the result is the sum of the lanes of v[j] (fixed pairwise order); v is clobbered.
+template <int W, int N, typename V> inline V reduce_lanes(V* v) {
+  static_assert(N >= 1 && N <= W, "reduce_lanes: at most one accumulator per lane");
+  return reduce_rec<W, N, W>(v);
+}
+
+// ----------------------------------------------------------------------------------------------
+// dot form
+
+template <Fmt F, int R, int K>
+inline void dot_tile(const typename FmtTraits<F>::Elem* a, int64_t lda, const typename FmtTraits<F>::Acc* b,
+                     int64_t ldb, int64_t inner, typename FmtTraits<F>::V biasv, typename FmtTraits<F>::Elem* y,
+                     int64_t ldy, bool packed) {
+  using T = FmtTraits<F>;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr Fmt AF = acc_fmt<F>();
+  V acc[R * K];
+  for (int i = 0; i < R * K; ++i) acc[i] = V{};
+  // Row by row, each row's chunks in address order: the tile's R rows are one contiguous block
+  // of x, read front to back (a chunk-major order strides 4 lines per row and left the hardware
+  // prefetcher behind: N = 262144, D = 64, O = 1 ran at 3 GB/s, ATen's gemv at 20).
+  // (Fully unrolled so that the accumulators stay in registers.)
+  const int64_t full = inner / W * W;
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const auto* ar = a + r * lda;
+    for (int64_t c = 0; c < full; c += W) {
+      const V xv = vload<F>(ar + c);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) acc[r * K + k] += xv * vload<AF>(b + k * ldb + c);
+    }
+    if (full < inner) {  // b is zero padded to ldb, x's missing lanes load as zero
+      const V xv = vload_partial<F>(ar + full, inner - full);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) acc[r * K + k] += xv * vload<AF>(b + k * ldb + full);
+    }
+  }
+  const V s = reduce_lanes<W, R * K>(acc) + biasv;
+  if (packed) {  // the tile's R rows of K outputs are contiguous in y
+    if constexpr (R * K == W) {
+      vstore<F>(y, s);
+    } else {
+      vstore_partial<F>(y, s, R * K);
+    }
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) y[r * ldy + k] = from_acc<F>(s[r * K + k]);
+  }
+}
+
+template <Fmt F, int K> inline void dot_block(const NtArgs& p, int64_t o0) {
+  using T = FmtTraits<F>;
+  using Elem = typename T::Elem;
+  using Acc = typename T::Acc;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr int L = W < kRegVecs ? W : kRegVecs;
+  constexpr int R = L / K > 0 ? L / K : 1;
+  const Elem* a = static_cast<const Elem*>(p.a);
+  const Acc* b = static_cast<const Acc*>(p.b) + o0 * p.ldb;
+  const Acc* bias = p.bias ? static_cast<const Acc*>(p.bias) + o0 : nullptr;
+  Elem* y = static_cast<Elem*>(p.y) + o0;
+  const bool packed = K == p.out && p.ldy == p.out;
+  V bias_r{}, bias_1{};
+  if (bias) {
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) bias_r[r * K + k] = bias[k];
+    for (int k = 0; k < K; ++k) bias_1[k] = bias[k];
+  }
+  int64_t n = 0;
+  if constexpr (R > 1) {
+    for (; n + R <= p.rows; n += R)
+      dot_tile<F, R, K>(a + n * p.lda, p.lda, b, p.ldb, p.inner, bias_r, y + n * p.ldy, p.ldy, packed);
+  }
+  for (; n < p.rows; ++n) dot_tile<F, 1, K>(a + n * p.lda, p.lda, b, p.ldb, p.inner, bias_1, y + n * p.ldy, p.ldy, packed);
+}
+
+template <Fmt F, int K> inline void dot_dispatch(int k, const NtArgs& p, int64_t o0) {
+  if constexpr (K >= 1) {
+    if (k == K) return dot_block<F, K>(p, o0);
+    dot_dispatch<F, K - 1>(k, p, o0);
+  }
+}
+
+template <Fmt F> void nt_dot(const NtArgs& p) {
+  constexpr int W = FmtTraits<F>::W;
+  constexpr int Kmax = W < kRegVecs ? W : kRegVecs;
+  for (int64_t o0 = 0; o0 < p.out; o0 += Kmax) {
+    const int k = static_cast<int>(p.out - o0 < Kmax ? p.out - o0 : Kmax);
+    dot_dispatch<F, Kmax>(k, p, o0);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// axpy form
+
+template <Fmt F, int R, int C>
+inline void axpy_tile(const typename FmtTraits<F>::Elem* a, int64_t lda, const typename FmtTraits<F>::Acc* bt,
+                      int64_t ldb, int64_t inner, const typename FmtTraits<F>::Acc* bias,
+                      typename FmtTraits<F>::Elem* y, int64_t ldy, int64_t left) {
+  using T = FmtTraits<F>;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr Fmt AF = acc_fmt<F>();
+  V acc[R * C];
+  for (int i = 0; i < R * C; ++i) acc[i] = V{};
+  for (int64_t i = 0; i < inner; ++i) {
+    V bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = vload<AF>(bt + i * ldb + c * W);
+    for (int r = 0; r < R; ++r) {
+      const V s = vbcast<V>(to_acc<F>(a[r * lda + i]));
+      for (int c = 0; c < C; ++c) acc[r * C + c] += s * bv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      V v = acc[r * C + c];
+      if (bias) v += vload<AF>(bias + c * W);
+      const int64_t m = left - c * W;
+      if (m >= W) {
+        vstore<F>(y + r * ldy + c * W, v);
+      } else {
+        vstore_partial<F>(y + r * ldy + c * W, v, m);
+      }
+    }
+  }
+}
+
+constexpr int axpy_rows(int c) {
+  const int l = kRegVecs / c;
+  return l >= 8 ? 8 : l >= 4 ? 4 : l >= 2 ? 2 : 1;
+}
+
+template <Fmt F, int C> inline void axpy_block(const NtArgs& p, int64_t n0, int64_t nr, int64_t c0) {
+  using T = FmtTraits<F>;
+  using Elem = typename T::Elem;
+  using Acc = typename T::Acc;
+  constexpr int W = T::W;
+  constexpr int R = axpy_rows(C);
+  const Elem* a = static_cast<const Elem*>(p.a) + n0 * p.lda;
+  const Acc* bt = static_cast<const Acc*>(p.b) + c0 * W;
+  const Acc* bias = p.bias ? static_cast<const Acc*>(p.bias) + c0 * W : nullptr;
+  Elem* y = static_cast<Elem*>(p.y) + n0 * p.ldy + c0 * W;
+  const int64_t left = p.out - c0 * W;
+  int64_t n = 0;
+  if constexpr (R > 1) {
+    for (; n + R <= nr; n += R) axpy_tile<F, R, C>(a + n * p.lda, p.lda, bt, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left);
+  }
+  for (; n < nr; ++n) axpy_tile<F, 1, C>(a + n * p.lda, p.lda, bt, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left);
+}
+
+template <Fmt F> void nt_axpy(const NtArgs& p) {
+  constexpr int W = FmtTraits<F>::W;
+  const int64_t chunks = (p.out + W - 1) / W;
+  // Rows outer (a block of 8 rows of `a` stays in L1 across the output chunks), chunks inner.
+  for (int64_t n0 = 0; n0 < p.rows; n0 += 8) {
+    const int64_t nr = p.rows - n0 < 8 ? p.rows - n0 : 8;
+    for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+      switch (chunks - c0 < 4 ? chunks - c0 : 4) {
+        case 1: axpy_block<F, 1>(p, n0, nr, c0); break;
+        case 2: axpy_block<F, 2>(p, n0, nr, c0); break;
+        case 3: axpy_block<F, 3>(p, n0, nr, c0); break;
+        default: axpy_block<F, 4>(p, n0, nr, c0); break;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// outer form (inner == 1)
+
+template <Fmt F> void nt_outer(const NtArgs& p) {
+  using T = FmtTraits<F>;
+  using Elem = typename T::Elem;
+  using Acc = typename T::Acc;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr Fmt AF = acc_fmt<F>();
+  const Elem* a = static_cast<const Elem*>(p.a);
+  const Acc* b = static_cast<const Acc*>(p.b);
+  const Acc* bias = static_cast<const Acc*>(p.bias);
+  Elem* y = static_cast<Elem*>(p.y);
+  if (p.out == 1 && p.lda == 1 && p.ldy == 1) {  // y = a * b0 + bias0 along the rows
+    const V bv = vbcast<V>(b[0]), cv = vbcast<V>(bias ? bias[0] : Acc(0));
+    int64_t n = 0;
+    for (; n + W <= p.rows; n += W) vstore<F>(y + n, vload<F>(a + n) * bv + cv);
+    if (n < p.rows) vstore_partial<F>(y + n, vload_partial<F>(a + n, p.rows - n) * bv + cv, p.rows - n);
+  } else if (p.out >= W) {
+    for (int64_t n = 0; n < p.rows; ++n) {
+      const V s = vbcast<V>(to_acc<F>(a[n * p.lda]));
+      for (int64_t c = 0; c < p.out; c += W) {
+        V v = s * vload<AF>(b + c);
+        if (bias) v += vload<AF>(bias + c);
+        if (p.out - c >= W) {
+          vstore<F>(y + n * p.ldy + c, v);
+        } else {
+          vstore_partial<F>(y + n * p.ldy + c, v, p.out - c);
+        }
+      }
+    }
+  } else {
+    for (int64_t n = 0; n < p.rows; ++n) {
+      const Acc s = to_acc<F>(a[n * p.lda]);
+      for (int64_t o = 0; o < p.out; ++o) y[n * p.ldy + o] = from_acc<F>(s * b[o] + (bias ? bias[o] : Acc(0)));
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// grad_weight / grad_bias partials
+
+template <Fmt F, int K, int C>
+inline void tn_tile(const typename FmtTraits<F>::Elem* bc, int64_t ldbc, const typename FmtTraits<F>::Elem* vec,
+                    int64_t ldvec, int64_t rows, int64_t kleft, int64_t vleft, typename FmtTraits<F>::Acc* part,
+                    int64_t ldp, typename FmtTraits<F>::Acc* bsum_bc, typename FmtTraits<F>::Acc* bsum_vec) {
+  using T = FmtTraits<F>;
+  using Acc = typename T::Acc;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr Fmt AF = acc_fmt<F>();
+  V acc[K * C];
+  for (int k = 0; k < K; ++k)
+    for (int c = 0; c < C; ++c) acc[k * C + c] = vload<AF>(part + k * ldp + c * W);
+  // Column sums of bc (grad_bias): a scalar chain per k, so kept in double (free for scalar adds)
+  // and rounded once per tile: a float32 chain over the tile's rows lost 1e-5 of a sum that
+  // cancels (N = 4097, O = 1).
+  double bs[K];
+  for (int k = 0; k < K; ++k) bs[k] = 0.0;
+  V bv[C];
+  for (int c = 0; c < C; ++c) bv[c] = bsum_vec ? vload<AF>(bsum_vec + c * W) : V{};
+  const bool fullv = vleft >= C * W, fullk = kleft >= K;
+  for (int64_t n = 0; n < rows; ++n) {
+    const auto* vr = vec + n * ldvec;
+    const auto* br = bc + n * ldbc;
+    V xv[C];
+    if (fullv) {
+      for (int c = 0; c < C; ++c) xv[c] = vload<F>(vr + c * W);
+    } else {
+      for (int c = 0; c < C; ++c) {
+        const int64_t m = vleft - c * W;
+        xv[c] = m >= W ? vload<F>(vr + c * W) : m > 0 ? vload_partial<F>(vr + c * W, m) : V{};
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      const Acc s = (fullk || k < kleft) ? to_acc<F>(br[k]) : Acc(0);
+      if (bsum_bc) bs[k] += s;
+      const V sv = vbcast<V>(s);
+      for (int c = 0; c < C; ++c) acc[k * C + c] += sv * xv[c];
+    }
+    if (bsum_vec)
+      for (int c = 0; c < C; ++c) bv[c] += xv[c];
+  }
+  for (int k = 0; k < K; ++k)
+    for (int c = 0; c < C; ++c) vstore<AF>(part + k * ldp + c * W, acc[k * C + c]);
+  if (bsum_bc)
+    for (int k = 0; k < K && k < kleft; ++k) bsum_bc[k] += static_cast<Acc>(bs[k]);
+  if (bsum_vec)
+    for (int c = 0; c < C; ++c) vstore<AF>(bsum_vec + c * W, bv[c]);
+}
+
+template <Fmt F> void tn(const TnArgs& p) {
+  using T = FmtTraits<F>;
+  using Elem = typename T::Elem;
+  using Acc = typename T::Acc;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  const Elem* bc = static_cast<const Elem*>(p.bc);
+  const Elem* vec = static_cast<const Elem*>(p.vec);
+  Acc* part = static_cast<Acc*>(p.part);
+  Acc* bsum = static_cast<Acc*>(p.bsum);
+  if (p.kdim == 1 && p.vdim == 1) {  // (N, 1) x (N, 1): one dot product along the rows
+    const Elem* bias_src = p.bias_from_vec ? vec : bc;
+    const int64_t ldb = p.bias_from_vec ? p.ldvec : p.ldbc;
+    if (p.ldbc == 1 && p.ldvec == 1) {
+      V s0{}, s1{}, b0{}, b1{};
+      int64_t n = 0;
+      for (; n + 2 * W <= p.rows; n += 2 * W) {
+        const V u0 = vload<F>(bc + n), u1 = vload<F>(bc + n + W);
+        const V v0 = vload<F>(vec + n), v1 = vload<F>(vec + n + W);
+        s0 += u0 * v0;
+        s1 += u1 * v1;
+        b0 += p.bias_from_vec ? v0 : u0;
+        b1 += p.bias_from_vec ? v1 : u1;
+      }
+      for (; n < p.rows; n += W) {
+        const int64_t m = p.rows - n < W ? p.rows - n : W;
+        const V u = vload_partial<F>(bc + n, m), v = vload_partial<F>(vec + n, m);
+        s0 += u * v;
+        b0 += p.bias_from_vec ? v : u;
+      }
+      part[0] += vhsum(s0 + s1);
+      if (bsum) bsum[0] += vhsum(b0 + b1);
+    } else {
+      Acc s = 0, bsv = 0;
+      for (int64_t n = 0; n < p.rows; ++n) {
+        s += to_acc<F>(bc[n * p.ldbc]) * to_acc<F>(vec[n * p.ldvec]);
+        bsv += to_acc<F>(bias_src[n * ldb]);
+      }
+      part[0] += s;
+      if (bsum) bsum[0] += bsv;
+    }
+    return;
+  }
+  constexpr int K = kTnK;
+  const int64_t chunks = (p.vdim + W - 1) / W;
+  for (int64_t n0 = 0; n0 < p.rows; n0 += kTnRows) {
+    const int64_t nr = p.rows - n0 < kTnRows ? p.rows - n0 : kTnRows;
+    for (int64_t k0 = 0; k0 < p.kdim; k0 += K) {
+      for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+        Acc* bsum_bc = bsum && !p.bias_from_vec && c0 == 0 ? bsum + k0 : nullptr;
+        Acc* bsum_vec = bsum && p.bias_from_vec && k0 == 0 ? bsum + c0 * W : nullptr;
+        const Elem* bcp = bc + n0 * p.ldbc + k0;
+        const Elem* vp = vec + n0 * p.ldvec + c0 * W;
+        Acc* pp = part + k0 * p.ldp + c0 * W;
+        const int64_t kl = p.kdim - k0, vl = p.vdim - c0 * W;
+        switch (chunks - c0 < 4 ? chunks - c0 : 4) {
+          case 1: tn_tile<F, K, 1>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
+          case 2: tn_tile<F, K, 2>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
+          case 3: tn_tile<F, K, 3>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
+          default: tn_tile<F, K, 4>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
+        }
+      }
+    }
+  }
+}
+
+template <Fmt F> void colsum(const void* g_, int64_t ldg, int64_t rows, int64_t cols, void* out_) {
+  using T = FmtTraits<F>;
+  using Elem = typename T::Elem;
+  using Acc = typename T::Acc;
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr Fmt AF = acc_fmt<F>();
+  const Elem* g = static_cast<const Elem*>(g_);
+  Acc* out = static_cast<Acc*>(out_);
+  if (cols == 1 && ldg == 1) {
+    V s0{}, s1{};
+    int64_t n = 0;
+    for (; n + 2 * W <= rows; n += 2 * W) {
+      s0 += vload<F>(g + n);
+      s1 += vload<F>(g + n + W);
+    }
+    for (; n < rows; n += W) s0 += vload_partial<F>(g + n, rows - n < W ? rows - n : W);
+    out[0] += vhsum(s0 + s1);
+    return;
+  }
+  for (int64_t c = 0; c < cols; c += W) {
+    const int64_t m = cols - c < W ? cols - c : W;
+    V s = vload<AF>(out + c);
+    if (m == W) {
+      for (int64_t n = 0; n < rows; ++n) s += vload<F>(g + n * ldg + c);
+    } else {
+      for (int64_t n = 0; n < rows; ++n) s += vload_partial<F>(g + n * ldg + c, m);
+    }
+    vstore<AF>(out + c, s);
+  }
+}
+
+template <Fmt AF> void add_into(void* dst_, const void* src_, int64_t n) {
+  using T = FmtTraits<AF>;
+  using Elem = typename T::Elem;
+  constexpr int W = T::W;
+  Elem* dst = static_cast<Elem*>(dst_);
+  const Elem* src = static_cast<const Elem*>(src_);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore<AF>(dst + i, vload<AF>(dst + i) + vload<AF>(src + i));
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
+}  // namespace linear_impl
+
+inline LinearKernels linear_kernels_table() {
+  using namespace linear_impl;
+  LinearKernels t{};
+  t.nt[kNtDot][kF32] = nt_dot<Fmt::f32>;
+  t.nt[kNtDot][kF64] = nt_dot<Fmt::f64>;
+  t.nt[kNtDot][kBF16] = nt_dot<Fmt::bf16>;
+  t.nt[kNtDot][kF16] = nt_dot<Fmt::f16>;
+  t.nt[kNtAxpy][kF32] = nt_axpy<Fmt::f32>;
+  t.nt[kNtAxpy][kF64] = nt_axpy<Fmt::f64>;
+  t.nt[kNtAxpy][kBF16] = nt_axpy<Fmt::bf16>;
+  t.nt[kNtAxpy][kF16] = nt_axpy<Fmt::f16>;
+  t.nt[kNtOuter][kF32] = nt_outer<Fmt::f32>;
+  t.nt[kNtOuter][kF64] = nt_outer<Fmt::f64>;
+  t.nt[kNtOuter][kBF16] = nt_outer<Fmt::bf16>;
+  t.nt[kNtOuter][kF16] = nt_outer<Fmt::f16>;
+  t.tn[kF32] = tn<Fmt::f32>;
+  t.tn[kF64] = tn<Fmt::f64>;
+  t.tn[kBF16] = tn<Fmt::bf16>;
+  t.tn[kF16] = tn<Fmt::f16>;
+  t.colsum[kF32] = colsum<Fmt::f32>;
+  t.colsum[kF64] = colsum<Fmt::f64>;
+  t.colsum[kBF16] = colsum<Fmt::bf16>;
+  t.colsum[kF16] = colsum<Fmt::f16>;
+  t.add_into[0] = add_into<Fmt::f32>;
+  t.add_into[1] = add_into<Fmt::f64>;
+  return t;
+}

@@ -1,0 +1,129 @@
+// Multi-tensor SGD: torch.optim.SGD's update for every tensor of a parameter group in one launch.
+//
+// The tensor list travels by value as a __grid_constant__ kernel parameter (pointers, sizes,
+// dtypes and a prefix sum of chunk counts; under 4 KB), so there is no host-to-device copy and the
+// launch can be captured in a CUDA graph. Each tensor is cut into chunks of kChunk elements; the
+// blocks walk the chunks of all tensors in a grid-stride loop, find their tensor by binary search
+// in the prefix sums, and update the chunk with 16-byte accesses when the tensor's three pointers
+// are aligned (chunk starts are multiples of 8 elements, so they stay aligned), else element-wise.
+#include "common.cuh"
+
+namespace fastlin {
+namespace cuda {
+namespace {
+
+constexpr int kSgdThreads = 256;
+constexpr int64_t kChunk = 16384;  // elements per chunk; a multiple of every vector width
+
+struct SgdBatch {
+  SgdTensorRef t[kSgdMaxTensors];
+  int64_t chunk_begin[kSgdMaxTensors + 1];  // chunk_begin[i]: first global chunk of tensor i
+  int aligned[kSgdMaxTensors];              // p, g (and buf) 16-byte aligned
+  int count;
+};
+static_assert(sizeof(SgdBatch) + sizeof(SgdOpts) <= 4000, "kernel parameters must stay under 4 KB");
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <typename P, int VEC>
+__device__ __forceinline__ void sgd_range(const SgdTensorRef& r, int64_t begin, int64_t end, const SgdScalars<acc_t<P>>& sc) {
+  using A = acc_t<P>;
+  P* p = static_cast<P*>(r.p);
+  const P* g = static_cast<const P*>(r.g);
+  P* buf = static_cast<P*>(r.buf);
+  const bool read_buf = buf != nullptr && !sc.first_step;
+  // begin is a multiple of VEC; the loop covers the whole vectors of [begin, end).
+  const int64_t vend = begin + (end - begin) / VEC * VEC;
+  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < vend; i += static_cast<int64_t>(kSgdThreads) * VEC) {
+    A pv[VEC], gv[VEC], bv[VEC];
+    ld_vec<P, VEC>(p + i, pv);
+    ld_vec<P, VEC>(g + i, gv);
+    if (read_buf) {
+      ld_vec<P, VEC>(buf + i, bv);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) bv[j] = A(0);
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sgd_step(pv[j], gv[j], bv[j], sc);
+    st_vec<P, VEC>(p + i, pv);
+    if (buf != nullptr) st_vec<P, VEC>(buf + i, bv);
+  }
+  for (int64_t i = vend + threadIdx.x; i < end; i += kSgdThreads) {  // tail (VEC > 1 only)
+    A pv = ld_acc(p + i);
+    A bv = read_buf ? ld_acc(buf + i) : A(0);
+    sgd_step(pv, ld_acc(g + i), bv, sc);
+    p[i] = from_acc<P>(pv);
+    if (buf != nullptr) buf[i] = from_acc<P>(bv);
+  }
+}
+
+template <typename P>
+__device__ __forceinline__ void sgd_chunk(const SgdTensorRef& r, bool aligned, int64_t begin, int64_t end,
+                                          const SgdOpts& opt) {
+  const SgdScalars<acc_t<P>> sc(opt);
+  if (aligned) {
+    sgd_range<P, kVecOf<P>>(r, begin, end, sc);
+  } else {
+    sgd_range<P, 1>(r, begin, end, sc);
+  }
+}
+
+__global__ void __launch_bounds__(kSgdThreads) sgd_multi_kernel(const __grid_constant__ SgdBatch bt, const SgdOpts opt) {
+  const int64_t total = bt.chunk_begin[bt.count];
+  for (int64_t c = blockIdx.x; c < total; c += gridDim.x) {
+    // The tensor t with chunk_begin[t] <= c < chunk_begin[t + 1] (empty tensors have no chunks).
+    int lo = 0, hi = bt.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (bt.chunk_begin[mid] <= c) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const SgdTensorRef& r = bt.t[lo];
+    const int64_t begin = (c - bt.chunk_begin[lo]) * kChunk;
+    const int64_t end = begin + kChunk < r.n ? begin + kChunk : r.n;
+    const bool al = bt.aligned[lo] != 0;
+    switch (r.dt) {
+      case DType::F32: sgd_chunk<float>(r, al, begin, end, opt); break;
+      case DType::F64: sgd_chunk<double>(r, al, begin, end, opt); break;
+      case DType::BF16: sgd_chunk<__nv_bfloat16>(r, al, begin, end, opt); break;
+      case DType::F16: sgd_chunk<__half>(r, al, begin, end, opt); break;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
+                              cudaStream_t stream) {
+  int i = 0;
+  while (i < count) {
+    SgdBatch bt{};
+    int k = 0;
+    int64_t chunks = 0;
+    for (; i < count && k < kSgdMaxTensors; ++i) {
+      const SgdTensorRef& r = tensors[i];
+      if (r.n <= 0) continue;
+      bt.t[k] = r;
+      bt.chunk_begin[k] = chunks;
+      bt.aligned[k] = aligned16(r.p) && aligned16(r.g) && (r.buf == nullptr || aligned16(r.buf));
+      chunks += ceil_div(r.n, kChunk);
+      ++k;
+    }
+    if (k == 0) break;  // only empty tensors were left
+    bt.chunk_begin[k] = chunks;
+    bt.count = k;
+    const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * 8;
+    const unsigned blocks = static_cast<unsigned>(chunks < cap ? chunks : cap);
+    FASTLIN_LAUNCH(sgd_multi_kernel, blocks, kSgdThreads, 0, stream, bt, opt);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace fastlin

@@ -1,0 +1,537 @@
+"""FusedLinearRegressor: a linear model trained by fastlin's fused SGD step, with an sklearn-style API.
+
+    reg = fastlin.FusedLinearRegressor(1, 1, lr=0.01)
+    reg.fit(x, y, epochs=1000)          # x (N, D), y (N,) or (N, O): tensors or numpy arrays
+    reg.predict(torch.tensor([[4.0]]))  # -> (1,) when fit saw a 1-D y, else (1, O)
+    reg.score(x_test, y_test)           # R^2, sklearn's definition
+
+Training never builds an autograd graph: ``step`` is one ``fastlin.ops.train_step`` call (one pass
+over x: loss, gradients and torch.optim.SGD's update in place) and ``fit`` is ``fastlin.ops.fit``
+(the whole loop in one call, or a few calls when it reports progress). The optimizer state
+(momentum buffers, and whether the first step has been taken) lives in the module, so
+``state_dict`` / ``load_state_dict`` save and restore training exactly.
+
+Shapes of y. ``y`` is (N, out_features), or (N,) when out_features == 1, which is reshaped to
+(N, 1) on purpose (never broadcast: any other shape raises, naming y and the expected shape).
+Like scikit-learn, ``predict`` returns (N,) when the last ``fit``/``step`` saw a 1-D y, else
+(N, out_features); ``forward`` always returns (..., out_features) like ``torch.nn.Linear``.
+
+Shuffled mini-batch fits and chunking. ``fastlin.ops.fit`` draws each epoch's order with
+``torch.randperm(N, generator=g)`` from a generator ``g`` seeded once per call. So that a fit
+reporting progress (several op calls) follows exactly the iterates of one that does not, a
+shuffled fit always runs in blocks of ``B = fit_block_epochs(N, D)`` epochs (a function of the
+data shape only), block ``b`` being one op call seeded with ``block_seed(seed, b)``; progress
+chunks are whole blocks. Full-batch and unshuffled fits do not depend on a seed and run as one
+op call (or any split into chunks, which gives the same iterates since the op is deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from fastlin import _checks as C
+from fastlin import backends, ops
+from fastlin import functional as F
+
+__all__ = ["FusedLinearRegressor", "fit_block_epochs", "block_seed"]
+
+_MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def block_seed(seed: int, block: int) -> int:
+    """Seed of the op call that runs block ``block`` of a shuffled fit seeded with ``seed``.
+
+    splitmix64 of (seed, block): distinct, well-mixed seeds for consecutive blocks, in [0, 2^63)."""
+    z = ((seed & _MASK64) + (block + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & _MASK63
+
+
+def fit_block_epochs(n_rows: int, n_features: int) -> int:
+    """Epochs per op call of a shuffled fit: about 2^20 elements of x per call (so the ~10 us cost
+    of a call stays near 1% of it), 1..1024 epochs. Depends on the data shape only, so a fit's
+    iterates never depend on timing or on whether it shows progress."""
+    return max(1, min(1024, (1 << 20) // max(1, n_rows * n_features)))
+
+
+# A fit whose estimated cost is below this many "element-visits" runs as one call without timing
+# a first chunk: rows*features per epoch plus ~4096 per step for the fixed cost of a step. Even
+# the first ATen version of the op does 2^24 of these in well under 2 s here.
+_SMALL_FIT_WORK = 1 << 24
+_PROGRESS_SECONDS = 2.0  # show a bar by default when the fit is estimated to take longer
+_CHUNK_SECONDS = 0.25  # with a bar, one op call per this much work
+
+
+def _is_array_like(v) -> bool:
+    return hasattr(v, "__array__") or isinstance(v, (list, tuple, float, int))
+
+
+class FusedLinearRegressor(torch.nn.Module):
+    """Linear regression y ~ x @ weight.T + bias trained with torch.optim.SGD's update on the MSE.
+
+    Args:
+        in_features: D, columns of x.  out_features: O, columns of y.  bias: learn a bias.
+        lr, momentum, dampening, weight_decay, nesterov: torch.optim.SGD's options and semantics,
+            validated like torch.optim.SGD, except that lr must be > 0.
+        backend: "auto" | "cpp" | "cuda" | "triton" | "reference" (see fastlin.backends).
+        device, dtype: of the parameters (like torch.nn.Linear).
+
+    Parameters ``weight`` (O, D) and ``bias`` (O,) are initialised exactly like
+    ``torch.nn.Linear(in_features, out_features, bias)`` (same RNG draws).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        bias: bool = True,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        name = "fastlin.FusedLinearRegressor"
+        for arg, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
+        # torch.optim.SGD's validation, with lr > 0: a zero learning rate trains nothing.
+        if isinstance(lr, torch.Tensor):
+            raise TypeError(f"{name}: lr must be a Python float, got a tensor")
+        if not lr > 0:
+            raise ValueError(f"{name}: lr must be > 0, got {lr}")
+        if not momentum >= 0:
+            raise ValueError(f"{name}: momentum must be >= 0, got {momentum}")
+        if not weight_decay >= 0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        if not math.isfinite(dampening):
+            raise ValueError(f"{name}: dampening must be finite, got {dampening}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"{name}: nesterov requires momentum > 0 and dampening == 0")
+        if not all(math.isfinite(v) for v in (lr, momentum, weight_decay)):
+            raise ValueError(f"{name}: lr, momentum and weight_decay must be finite")
+        backend = backends._validate(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
+        self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
+        self.backend = backend
+        self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if self.weight.dtype not in C.FLOAT_DTYPES:
+            raise TypeError(
+                f"{name}: dtype must be float32, float64, bfloat16 or float16, got {self.weight.dtype}"
+            )
+        # The optimizer state: momentum buffers (written, not read, by the first step).
+        if momentum != 0:
+            self.register_buffer("weight_momentum", torch.zeros_like(self.weight, requires_grad=False))
+            self.register_buffer(
+                "bias_momentum", torch.zeros_like(self.bias, requires_grad=False) if bias else None
+            )
+        else:
+            self.register_buffer("weight_momentum", None)
+            self.register_buffer("bias_momentum", None)
+        self._first_step = True
+        self._y_1d: bool | None = None  # whether the last fit/step saw a 1-D y (the shape predict returns)
+        backends.resolve(backend, self.weight.device)  # an unavailable backend fails here, not mid-fit
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise like torch.nn.Linear (same RNG draws) and forget the optimizer state."""
+        torch.nn.Linear.reset_parameters(self)  # uses only self.weight and self.bias
+        with torch.no_grad():
+            if self.weight_momentum is not None:
+                self.weight_momentum.zero_()
+            if self.bias_momentum is not None:
+                self.bias_momentum.zero_()
+        self._first_step = True
+
+    # -- state --------------------------------------------------------------------------------
+
+    def get_extra_state(self):
+        # Host-side training state, saved in state_dict under "_extra_state".
+        return {"first_step": self._first_step, "y_1d": self._y_1d}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or "first_step" not in state:
+            raise ValueError(f"fastlin.FusedLinearRegressor: unexpected extra state {state!r}")
+        self._first_step = bool(state["first_step"])
+        self._y_1d = state.get("y_1d")
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, "
+        s += f"bias={self.bias is not None}, lr={self.lr}"
+        for k, default in (("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0), ("nesterov", False)):
+            if getattr(self, k) != default:
+                s += f", {k}={getattr(self, k)}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _x(self, method: str, x, *, allow_low_precision: bool) -> torch.Tensor:
+        """x -> a 2-D (N, in_features) tensor on the parameters' device, in their dtype (or kept in
+        bf16/fp16 when allowed and the parameters are float32, as train_step accepts)."""
+        w = self.weight
+        if not isinstance(x, torch.Tensor):
+            if not _is_array_like(x):
+                raise TypeError(
+                    f"fastlin.FusedLinearRegressor.{method}: x must be a tensor or an array, "
+                    f"got {type(x).__name__}"
+                )
+            x = torch.as_tensor(x)
+        if x.dim() != 2:
+            hint = "; for one feature use x.reshape(-1, 1)" if x.dim() == 1 and self.in_features == 1 else ""
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: x must be 2-D (N, {self.in_features}) "
+                f"(in_features={self.in_features}), got shape {C.shape_str(x.shape)}{hint}"
+            )
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: x must have shape (N, {self.in_features}) "
+                f"(in_features={self.in_features}), got {C.shape_str(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: x must have at least one row, "
+                f"got shape {C.shape_str(x.shape)}"
+            )
+        want = w.dtype
+        if allow_low_precision and x.dtype in C.LOW_PRECISION and want == torch.float32:
+            want = x.dtype
+        if x.dtype != want or x.device != w.device:
+            x = x.to(device=w.device, dtype=want)
+        return x
+
+    def _y(
+        self, method: str, y, x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """y (N,) [out_features == 1] or (N, out_features) -> ((N, out_features) tensor like x, was 1-D)."""
+        if not isinstance(y, torch.Tensor):
+            if not _is_array_like(y):
+                raise TypeError(
+                    f"fastlin.FusedLinearRegressor.{method}: y must be a tensor or an array, "
+                    f"got {type(y).__name__}"
+                )
+            y = torch.as_tensor(y)
+        n, O = x.shape[0], self.out_features
+        one_d = y.dim() == 1
+        if one_d and O == 1 and y.shape[0] == n:
+            y = y.reshape(n, 1)
+        elif tuple(y.shape) != (n, O):
+            want = f"({n},) or ({n}, 1)" if O == 1 else f"({n}, {O})"
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: y must have shape {want} (x's {n} rows, "
+                f"out_features={O}); fastlin never broadcasts y, got {C.shape_str(y.shape)}"
+            )
+        dtype = x.dtype if dtype is None else dtype
+        if y.dtype != dtype or y.device != x.device:
+            y = y.to(device=x.device, dtype=dtype)
+        return y, one_d
+
+    def _sample_weight(self, method: str, sample_weight, x: torch.Tensor) -> torch.Tensor | None:
+        if sample_weight is None:
+            return None
+        sw = sample_weight if isinstance(sample_weight, torch.Tensor) else torch.as_tensor(sample_weight)
+        if tuple(sw.shape) != (x.shape[0],):
+            raise ValueError(
+                f"fastlin.FusedLinearRegressor.{method}: sample_weight must have shape "
+                f"({x.shape[0]},) (one weight per row of x), got {C.shape_str(sw.shape)}"
+            )
+        want = self.weight.dtype  # the accumulation dtype of the step: no rounding of the weights to bf16
+        if sw.dtype != want or sw.device != x.device:
+            sw = sw.to(device=x.device, dtype=want)
+        return sw
+
+    def _opts(self) -> dict:
+        return dict(
+            lr=self.lr,
+            momentum=self.momentum,
+            dampening=self.dampening,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+            backend=self.backend,
+        )
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features), like torch.nn.Linear (differentiable)."""
+        return F.linear(x, self.weight, self.bias, backend=self.backend)
+
+    @torch.no_grad()
+    def predict(self, x) -> torch.Tensor:
+        """x (N, in_features) tensor or array -> (N,) if the last fit/step saw a 1-D y, else
+        (N, out_features)."""
+        x = self._x("predict", x, allow_low_precision=False)
+        out = ops.linear(x, self.weight, self.bias, backend=self.backend)  # 2-D, no autograd: the op itself
+        return out.reshape(-1) if self._y_1d and self.out_features == 1 else out
+
+    @torch.no_grad()
+    def score(self, x, y, sample_weight=None) -> float:
+        """R^2 of the prediction, sklearn.metrics.r2_score's definition: per output 1 - SS_res / SS_tot
+        (1.0 when both are 0, 0.0 when only SS_tot is), averaged uniformly over outputs."""
+        return self.evaluate(x, y, sample_weight=sample_weight)["r2"]
+
+    @torch.no_grad()
+    def evaluate(self, x, y, sample_weight=None) -> dict:
+        """{"mse": mean squared error over all N*O elements, "r2": score(x, y)}, computed in float64."""
+        x = self._x("evaluate", x, allow_low_precision=False)
+        y, _ = self._y("evaluate", y, x, dtype=torch.float64)
+        pred = ops.linear(x, self.weight, self.bias, backend=self.backend).to(torch.float64)
+        sw = self._sample_weight("evaluate", sample_weight, x)
+        w = (
+            torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
+            if sw is None
+            else sw.to(torch.float64).reshape(-1, 1)
+        )
+        ss_res = (w * (y - pred).square()).sum(0)
+        mean = (w * y).sum(0) / w.sum()
+        ss_tot = (w * (y - mean).square()).sum(0)
+        ss_res_h, ss_tot_h = ss_res.tolist(), ss_tot.tolist()
+        r2 = []
+        for res, tot in zip(ss_res_h, ss_tot_h):
+            if tot != 0:
+                r2.append(1.0 - res / tot)
+            else:  # sklearn's force_finite: a constant target is perfectly predicted or not at all
+                r2.append(1.0 if res == 0 else 0.0)
+        mse = float(sum(ss_res_h) / (float(w.sum()) * self.out_features))
+        return {"mse": mse, "r2": float(sum(r2) / len(r2))}
+
+    # -- training -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, x, y, sample_weight=None) -> torch.Tensor:
+        """One fused SGD step on the MSE of x (N, in_features) against y (N,) or (N, out_features).
+
+        Returns the loss before the update (0-d tensor, float32 or float64; no host sync). Like
+        torch's optimizer it applies whatever it computes: non-finite data gives non-finite
+        parameters (``fit`` checks every step instead)."""
+        x = self._x("step", x, allow_low_precision=True)
+        y, one_d = self._y("step", y, x)
+        sw = self._sample_weight("step", sample_weight, x)
+        loss = ops.train_step(
+            x,
+            y,
+            self.weight,
+            self.bias,
+            self.weight_momentum,
+            self.bias_momentum,
+            sw,
+            first_step=self._first_step,
+            **self._opts(),
+        )
+        # Plain attributes through __dict__: nn.Module.__setattr__ costs ~2 us each, more than the
+        # whole op on the seed's data.
+        self.__dict__.update(_first_step=False, _y_1d=one_d, n_features_in_=self.in_features)
+        return loss
+
+    @torch.no_grad()
+    def fit(
+        self,
+        x,
+        y,
+        *,
+        epochs: int = 1000,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int | None = None,
+        sample_weight=None,
+        progress: bool | None = None,
+    ) -> FusedLinearRegressor:
+        """Train for ``epochs`` passes over x (N, in_features) against y (N,) or (N, out_features).
+
+        batch_size: None (or >= N) for full-batch steps, else mini-batches of that many rows (the
+            last one shorter), in a shuffled order per epoch when ``shuffle``. seed: of the shuffle
+            (None: drawn from torch's default generator, so torch.manual_seed makes it repeatable).
+        sample_weight: (N,) per-row weights of the loss.
+        progress: a tqdm bar with the loss; None shows it when the fit is estimated to take > ~2 s.
+
+        Continues from the current parameters and optimizer state (call reset_parameters() for a
+        fresh start). Sets loss_history_ (epochs,) CPU tensor, the mean loss of each epoch,
+        n_iter_ (epochs run), n_features_in_, seed_ (the shuffle seed used, None if unshuffled).
+
+        Raises FloatingPointError, naming the epoch and the first non-finite row of x / y /
+        sample_weight if there is one, when a step's loss or updated parameters would be
+        non-finite; the parameters and momentum then keep their values from before that step.
+        Returns self."""
+        name = "fastlin.FusedLinearRegressor.fit"
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            raise ValueError(f"{name}: epochs must be an int >= 0, got {epochs!r}")
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
+            raise ValueError(f"{name}: batch_size must be None or an int >= 1, got {batch_size!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"{name}: seed must be None or an int, got {type(seed).__name__}")
+        x = self._x("fit", x, allow_low_precision=True)
+        y, one_d = self._y("fit", y, x)
+        sw = self._sample_weight("fit", sample_weight, x)
+        n = x.shape[0]
+        bs = 0 if batch_size is None or batch_size >= n else batch_size
+        shuffled = bool(shuffle) and bs != 0
+        if shuffled and seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        run_seed = (seed & _MASK63) if shuffled else 0
+        args = (x, y, self.weight, self.bias, self.weight_momentum, self.bias_momentum, sw)
+        opts = self._opts()
+        # Only a fit that starts with first_step (momentum buffers not yet live) and stops in its
+        # first epoch needs to know whether any of its steps was applied: compare the parameters
+        # (a step that changes neither, an exactly zero update, counts as not applied).
+        snapshot = None
+        if self._first_step and self.momentum != 0 and bs != 0:
+            snapshot = [p.clone() for p in (self.weight, self.bias) if p is not None]
+        steps_per_epoch = 1 if bs == 0 else -(-n // bs)
+        block = fit_block_epochs(n, self.in_features) if shuffled else None
+        parts: list[torch.Tensor] = []
+        done = 0
+        bar = None
+        failed_at = None
+
+        def run(k: int) -> bool:
+            """Run epochs [done, done + k) (k a multiple of the block, or the rest); False on a NaN."""
+            nonlocal done, failed_at
+            if shuffled:
+                calls = []
+                b0 = done // block
+                e = done
+                while e < done + k:
+                    calls.append((min(block, epochs - e), block_seed(run_seed, b0 + len(calls))))
+                    e += calls[-1][0]
+            else:
+                calls = [(k, 0)]
+            for n_ep, s in calls:
+                h = ops.fit(
+                    *args,
+                    epochs=n_ep,
+                    batch_size=bs,
+                    shuffle=shuffled,
+                    seed=s,
+                    first_step=self.__dict__["_first_step"],
+                    **opts,
+                ).cpu()
+                parts.append(h)
+                # The op fills the failing epoch and all later ones with NaN: the last entry tells.
+                hn = h.numpy()
+                if math.isnan(hn[-1]):
+                    first_bad = int(np.argmax(np.isnan(hn)))
+                    failed_at = done + first_bad
+                    params = [p for p in (self.weight, self.bias) if p is not None]
+                    if first_bad > 0 or (
+                        snapshot is not None and not all(map(torch.equal, snapshot, params))
+                    ):
+                        self.__dict__["_first_step"] = False
+                    done += n_ep
+                    return False
+                self.__dict__["_first_step"] = False
+                done += n_ep
+            return True
+
+        try:
+            if epochs > 0:
+                work = epochs * (n * self.in_features + 4096 * steps_per_epoch)
+                if progress is False or (progress is None and work <= _SMALL_FIT_WORK):
+                    run(epochs)
+                else:
+                    # A small first chunk, timed, to estimate the rest (and to start the bar).
+                    k0 = block if shuffled else max(1, _SMALL_FIT_WORK // max(1, work // epochs))
+                    k0 = min(k0, epochs)
+                    t0 = time.perf_counter()
+                    ok = run(k0)
+                    per_epoch = (time.perf_counter() - t0) / k0
+                    if ok and done < epochs:
+                        if progress or per_epoch * (epochs - done) > _PROGRESS_SECONDS:
+                            bar = _make_bar(epochs, done, parts)
+                        if bar is None:
+                            run(epochs - done)
+                        else:
+                            chunk = max(1, int(_CHUNK_SECONDS / max(per_epoch, 1e-9)))
+                            if shuffled:  # whole blocks, so the iterates do not depend on the chunking
+                                chunk = max(1, chunk // block) * block
+                            while done < epochs:
+                                ok = run(min(chunk, epochs - done))
+                                bar.n = done
+                                if ok:
+                                    bar.set_postfix(loss=f"{float(parts[-1][-1]):.6g}", refresh=False)
+                                bar.refresh()
+                                if not ok:
+                                    break
+        finally:
+            if bar is not None:
+                bar.close()
+
+        if len(parts) == 1:
+            hist = parts[0]
+        else:
+            hist = (
+                torch.cat(parts)
+                if parts
+                else torch.empty(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            )
+        n_iter = epochs if failed_at is None else failed_at
+        self.__dict__.update(
+            n_features_in_=self.in_features,
+            _y_1d=one_d,
+            seed_=seed if shuffled else None,
+            loss_history_=hist[:n_iter] if failed_at is not None else hist,
+            n_iter_=n_iter,
+        )
+        if failed_at is not None:
+            raise _non_finite_error(failed_at, epochs, x, y, sw, self)
+        return self
+
+
+def _make_bar(total: int, done: int, parts):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; without it the fit simply runs silently
+        return None
+    bar = tqdm(total=total, initial=done, unit="epoch", desc="fastlin fit", leave=False, dynamic_ncols=True)
+    if parts and parts[-1].numel():
+        bar.set_postfix(loss=f"{float(parts[-1][-1]):.6g}")
+    return bar
+
+
+def _first_non_finite_row(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    idx = torch.nonzero(bad)
+    return int(idx[0, 0]) if idx.numel() else None
+
+
+def _non_finite_error(epoch: int, epochs: int, x, y, sw, model) -> FloatingPointError:
+    # Only now, after the op stopped, look for the culprit: one extra pass over the data, on failure only.
+    culprits = []
+    for name, t in (("x", x), ("y", y), ("sample_weight", sw)):
+        row = _first_non_finite_row(t)
+        if row is not None:
+            culprits.append((name, row))
+    msg = (
+        f"fastlin.FusedLinearRegressor.fit: non-finite loss or update at epoch {epoch} (0-based, of {epochs})"
+    )
+    if culprits:
+        msg += "; first non-finite rows: " + ", ".join(f"{n}[{r}]" for n, r in culprits)
+        msg += ". Remove or impute them"
+    else:
+        msg += f"; the data is finite, so the fit diverged: lower lr (now {model.lr})"
+    msg += ". The parameters and momentum keep their values from before that step (the last finite ones)."
+    err = FloatingPointError(msg)
+    err.epoch = epoch
+    err.rows = dict(culprits)
+    return err

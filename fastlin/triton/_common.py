@@ -1,0 +1,239 @@
+"""Shared pieces of the Triton backend: settings, input checks, launch helpers, small jit helpers.
+
+Settings (module level, read at each call, so they can be changed at run time):
+
+* ``input_precision`` of ``tl.dot`` on float32 operands: ``"ieee"`` (default: true fp32 FMAs, so the
+  results hold the float32 tolerance of DESIGN.md, ~1e-7 relative), ``"tf32"`` (tensor cores,
+  ~3e-4 relative, what torch does with ``allow_tf32``) or ``"tf32x3"`` (three TF32 products, close to
+  fp32). Set with :func:`set_input_precision` or the environment variable
+  ``FASTLIN_TRITON_INPUT_PRECISION``. Only the paths with ``O > 4`` outputs use ``tl.dot`` (and
+  ``linear``/``grad_input`` with more than 4 columns on both sides); ``O <= 4`` runs on FMAs, exact fp32
+  whatever the setting. The one-pass kernels upcast bf16/fp16 ``x`` to fp32 before the dot (the
+  weights are fp32 master copies); ``linear`` with bf16/fp16 operands of one dtype uses their native
+  tensor-core dot (exact products, fp32 accumulation). With ``"ieee"`` and ``O = 16`` the two dots
+  cost about as much as reading ``x`` on an H100; ``"tf32x3"`` moves them to tensor cores.
+* ``PROGRAMS_PER_SM``: programs of the persistent one-pass kernels per streaming multiprocessor.
+* ``MAX_BLOCK_D`` / ``MAX_BLOCK_D_DOT`` / ``MAX_BLOCK_O``: the widest rows kept whole in registers
+  and the outputs per program; wider rows are walked in chunks (a second, cache-hot read of each
+  row tile), more outputs split over programs. Tests lower them to reach those paths cheaply.
+Environment, read at import: ``FASTLIN_TRITON_AUTOTUNE=0`` (no benchmarking: the first, heuristic
+config per shape; for test runs on a GPU), ``FASTLIN_TRITON_OPAQUE=1`` (torch.compile calls the ops
+instead of tracing into their kernels), ``TRITON_INTERPRET=1`` (CPU tensors through the interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlin import _checks as C
+
+# Triton reads TRITON_INTERPRET when it is imported; so do we (a later change would not take effect).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_numpy_shim() -> None:
+    """Triton 3.6.0's interpreter turns a scalar into a Python int with int(array of shape (1,)),
+    which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so
+    any `range()` with a run-time bound fails. Fixed upstream (triton-lang/triton#9171, PR #9172)
+    after 3.6.0; until then index through the array's single element. Interpreter only."""
+    try:
+        from triton.runtime import interpreter as I
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(I, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_fastlin_shim", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _patch_lang_tensor._fastlin_shim = True
+    I._patch_lang_tensor = _patch_lang_tensor
+
+
+if INTERPRET:
+    _interpreter_numpy_shim()
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+_input_precision = os.environ.get("FASTLIN_TRITON_INPUT_PRECISION", "ieee").strip().lower() or "ieee"
+if _input_precision not in PRECISIONS:
+    raise ValueError(
+        f"fastlin: FASTLIN_TRITON_INPUT_PRECISION must be one of {', '.join(PRECISIONS)}; "
+        f"got {_input_precision!r}"
+    )
+
+PROGRAMS_PER_SM = 2  # with the pipelined tile loop 2 resident programs per SM keep HBM busy
+MAX_BLOCK_D = 512  # O <= 4 path: widest row (x BLOCK_O) kept whole in registers
+MAX_BLOCK_D_DOT = 256  # the same for the tl.dot path (O > 4), also capped by the W tile: 8192 // BLOCK_O
+MAX_BLOCK_O = 64  # outputs per program on the tl.dot path; more outputs split over a second grid axis
+INTERPRET_PROGRAMS = 4  # the interpreter runs programs one after the other: few, big ones
+# FASTLIN_TRITON_AUTOTUNE=0: no benchmarking, the first (heuristic) config for each shape. For test
+# runs on a GPU, where every shape would otherwise be tuned; benchmarks leave it on.
+AUTOTUNE = os.environ.get("FASTLIN_TRITON_AUTOTUNE", "1") != "0"
+# FASTLIN_TRITON_OPAQUE=1: torch.compile calls every op as an opaque custom op instead of tracing into
+# its kernels (a fallback should a torch version fail to trace them; fit is always opaque).
+OPAQUE = os.environ.get("FASTLIN_TRITON_OPAQUE", "0") == "1"
+
+
+def set_input_precision(precision: str) -> None:
+    """input_precision of tl.dot on float32 operands: "ieee" (default), "tf32" or "tf32x3"."""
+    global _input_precision
+    p = str(precision).lower()
+    if p not in PRECISIONS:
+        raise ValueError(
+            f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)}; got {precision!r}"
+        )
+    _input_precision = p
+
+
+def input_precision() -> str:
+    return _input_precision
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (in addition to fastlin._checks, whose messages are the C++ ones).
+
+
+def check_devices(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Every tensor on ref's device, and that device one the Triton backend runs on."""
+    dev = ref.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and INTERPRET):
+        raise RuntimeError(
+            f"fastlin.{op}: {ref_name} is on {dev}; the Triton backend runs on CUDA tensors (or on CPU "
+            f"tensors when TRITON_INTERPRET=1 is set before triton is first imported)"
+        )
+    for name, t in tensors.items():
+        if t is not None:
+            C.check_same_device(op, name, t, ref_name, ref)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else triton.next_power_of_2(int(n))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def tl_acc(dtype: torch.dtype):
+    return _TL[acc_dtype(dtype)]
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, work_items: int) -> int:
+    """Programs of a persistent kernel: a few per SM, never more than there are items of work.
+    Fixed by the device, not by the autotuned tile size, so workspaces can be sized before the
+    launch (programs left without a tile write zero partials)."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _sm_count(idx) * PROGRAMS_PER_SM
+    else:
+        cap = INTERPRET_PROGRAMS
+    return max(1, min(cap, int(work_items)))
+
+
+def _tracing_kind(args) -> str | None:
+    """ "fake" when called by the fake (meta) implementation, "functional" under AOT functionalization."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    for a in args:
+        if isinstance(a, FunctionalTensor):
+            return "functional"
+        if isinstance(a, torch.Tensor) and is_fake(a):
+            return "fake"
+    return None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) through torch.library.wrap_triton.
+
+    Under the interpreter, wrap_triton hands back the raw interpreted kernel, which cannot run on
+    fake tensors: the fake implementation (shapes only) skips the launch there, and tracing for
+    torch.compile, which would silently drop the kernel, raises instead."""
+    if INTERPRET:
+        kind = _tracing_kind(list(args) + list(kwargs.values()))
+        if kind == "fake":
+            return
+        if kind == "functional":
+            raise RuntimeError(
+                "fastlin: the Triton backend cannot be traced by torch.compile under TRITON_INTERPRET=1 "
+                "(interpreted kernels are invisible to the tracer); compile on a CUDA device"
+            )
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if (
+        dev is not None
+        and dev.type == "cuda"
+        and dev.index is not None
+        and dev.index != torch.cuda.current_device()
+    ):
+        with torch.cuda.device(dev):  # Triton launches on the current device
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def cast_out(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """v.to(dtype) with round-to-nearest-even. Triton 3.6's interpreter truncates fp32 -> bf16
+    (error up to 2^-7), so there the rounding is done on the bits; on the GPU this is the native
+    conversion."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+@triton.jit
+def is_finite(v):
+    """Elementwise: v is neither inf nor NaN (inf - inf and NaN - NaN are NaN)."""
+    return (v - v) == 0
+
+
+@triton.jit
+def scalar(v, ACC: tl.constexpr):
+    """A float kernel argument as an ACC scalar. Float arguments are declared tl.float64 so fp64
+    kernels get them unrounded; the interpreter passes them as Python floats (no .to()), and
+    tl.full makes the constant in ACC directly from the double there."""
+    return tl.full((), v, ACC)
+
+
+def make_opaque(op) -> None:
+    """Keep a triton_op opaque to AOT functionalization (like a torch.library.custom_op): the
+    compiled graph calls the op, which launches its kernels, instead of tracing into them."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def _opaque(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, _opaque)
+
+
+def opaque_under_interpreter(op) -> None:
+    """Under TRITON_INTERPRET=1 keep a triton_op opaque to AOT functionalization (like a
+    torch.library.custom_op) instead of decomposing it into its kernels: interpreted kernels cannot
+    be traced, but an opaque op can, so torch.compile and opcheck's AOT test work on CPU tensors
+    too (the compiled graph calls the op, which runs the interpreted kernels). On a GPU nothing
+    changes: torch.compile sees through the op to the Triton kernels."""
+    if INTERPRET or OPAQUE:
+        make_opaque(op)

@@ -1,0 +1,202 @@
+"""fastlin.info() / `python -m fastlin info`, the fallback when fastlin._C cannot be loaded, and
+backend selection by FASTLIN_BACKEND and backend=."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from packaging.version import Version
+
+import fastlin
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTLIN_BACKEND", "OMP_NUM_THREADS")}
+    env.update(extra)
+    return env
+
+
+def _start(code: str, **env) -> subprocess.Popen:
+    """A fresh interpreter (the import-time behaviour is what is tested) running code."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{err}"
+    return out, err
+
+
+def test_info_reports_versions_threads_and_backends():
+    buf = io.StringIO()
+    report = fastlin.info(file=buf)
+    text = buf.getvalue()
+    assert Version(report["fastlin"]) == Version(fastlin.__version__)
+    assert Version(report["torch"]) == Version(torch.__version__)
+    assert report["threads"] == torch.get_num_threads() >= 1
+    assert report["default_backend"] == fastlin.backends.default()
+    assert set(report["backends"]) == set(BACKENDS)
+    assert report["backends"]["reference"] == {"available": True, "reason": ""}
+    for name, st in report["backends"].items():
+        assert st["available"] == fastlin.backends.status()[name][0]
+        if not st["available"]:
+            assert st["reason"], f"{name} unavailable without a reason"
+            assert f"{name}" in text and st["reason"] in text
+        assert name in text
+    assert f"fastlin {fastlin.__version__}" in text and f"torch {torch.__version__}" in text
+    assert f"{report['threads']} threads" in text
+    # the extension built in this checkout: the cpp backend runs here
+    assert report["backends"]["cpp"]["available"], report["backends"]["cpp"]["reason"]
+
+
+def test_python_m_fastlin_info_in_a_fresh_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastlin", "info"],
+        env=_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"fastlin {fastlin.__version__}" in out
+    assert "1 threads" in out and "OMP_NUM_THREADS=1" in out
+    for name in BACKENDS:
+        assert name in out
+    assert "cpp        available" in out
+    assert "default backend: auto" in out
+    assert "fastlin._C could not be loaded" not in proc.stderr
+
+
+NO_EXTENSION = """
+    import json, sys, warnings
+    sys.modules["fastlin._C"] = None  # `from fastlin import _C` now raises ImportError
+    import torch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # count every warning fastlin emits, not once per location
+        import fastlin
+        import fastlin.backends, fastlin.nn, fastlin.optim
+        torch.manual_seed(0)
+        m = fastlin.nn.Linear(3, 2)
+        x, y = torch.randn(5, 3), torch.randn(5, 2)
+        out = m(x)
+        loss = fastlin.nn.MSELoss()(out, y)
+        loss.backward()
+        fused = fastlin.nn.LinearMSELoss(3, 2)
+        fused.load_state_dict(m.state_dict())
+        fused_loss = fused(x, y)
+        opt = fastlin.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        opt.step()
+        import io
+        report = fastlin.info(file=io.StringIO())
+        fastlin.backends.status(); fastlin.backends.extension_loaded()
+        try:
+            fastlin.functional.linear(x, m.weight, backend="cpp")
+            explicit = None
+        except RuntimeError as e:
+            explicit = str(e)
+    ref = torch.nn.functional.mse_loss(torch.nn.functional.linear(x, fused.weight, fused.bias), y)
+    print(json.dumps({
+        "warnings": [[w.category.__name__, str(w.message)] for w in caught if "fastlin" in str(w.message)],
+        "resolved": fastlin.backends.resolve(None, torch.device("cpu")),
+        "extension_loaded": fastlin.backends.extension_loaded(),
+        "cpp": report["backends"]["cpp"], "reference": report["backends"]["reference"],
+        "linear_err": (out - torch.nn.functional.linear(x, fused.weight, fused.bias)).abs().max().item(),
+        "fused_err": abs(fused_loss.item() - ref.item()),
+        "has_grad": m.weight.grad is not None and "momentum_buffer" in opt.state[m.weight],
+        "explicit": explicit,
+    }))
+"""
+
+
+def test_import_without_extension_falls_back_to_reference_and_warns_once():
+    out, _ = _finish(_start(NO_EXTENSION))
+    r = json.loads(out.strip().splitlines()[-1])
+    assert len(r["warnings"]) == 1, r["warnings"]
+    category, message = r["warnings"][0]
+    assert category == "RuntimeWarning"
+    assert "fastlin._C could not be loaded" in message and "reference backend" in message
+    assert "pip install --no-build-isolation -e ." in message  # says how to fix it
+    assert r["resolved"] == "reference" and r["extension_loaded"] is False
+    assert r["reference"] == {"available": True, "reason": ""}
+    assert r["cpp"]["available"] is False and "fastlin._C could not be loaded" in r["cpp"]["reason"]
+    assert r["linear_err"] < 1e-6 and r["fused_err"] < 1e-6 and r["has_grad"]
+    assert r["explicit"] and "backend 'cpp' is not available" in r["explicit"]
+
+
+ENV_CHECK = """
+    import io, json, torch, fastlin
+    x, w = torch.randn(5, 3), torch.randn(2, 3)
+    buf = io.StringIO()
+    report = fastlin.info(file=buf)
+    try:
+        fastlin.functional.linear(x, w)
+        error = None
+    except Exception as e:
+        error = [type(e).__name__, str(e)]
+    resolved = None if error else fastlin.backends.resolve(None, torch.device("cpu"))
+    print(json.dumps({"default": fastlin.backends.default(), "text": buf.getvalue(),
+                      "threads": report["threads"], "resolved": resolved, "error": error}))
+"""
+
+
+def _unavailable_backend():
+    for name in ("cuda", "triton", "cpp"):
+        ok, why = fastlin.backends.status()[name]
+        if not ok:
+            return name, why
+    return None, None
+
+
+def test_fastlin_backend_environment_variable():
+    unavailable, why = _unavailable_backend()
+    procs = {
+        "reference": _start(ENV_CHECK, FASTLIN_BACKEND="reference", OMP_NUM_THREADS="1"),
+        "REFERENCE ": _start(ENV_CHECK, FASTLIN_BACKEND="REFERENCE "),  # case and blanks do not matter
+        "bogus": _start(ENV_CHECK, FASTLIN_BACKEND="bogus"),
+    }
+    if unavailable:
+        procs[unavailable] = _start(ENV_CHECK, FASTLIN_BACKEND=unavailable)
+    res = {k: json.loads(_finish(p)[0].strip().splitlines()[-1]) for k, p in procs.items()}
+    r = res["reference"]
+    assert r["default"] == "reference" and r["resolved"] == "reference" and r["error"] is None
+    assert "default backend: reference" in r["text"] and r["threads"] == 1
+    assert res["REFERENCE "]["resolved"] == "reference"
+    kind, msg = res["bogus"]["error"]
+    assert kind == "ValueError" and "backend must be one of" in msg and "'bogus'" in msg
+    if unavailable:
+        kind, msg = res[unavailable]["error"]
+        assert kind == "RuntimeError" and f"backend {unavailable!r} is not available" in msg and why in msg
+
+
+def test_backend_argument_and_set_default():
+    x, w = torch.randn(5, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastlin.backends.set_default("fastest")
+    old = fastlin.backends.default()
+    try:
+        fastlin.backends.set_default("reference")
+        assert fastlin.backends.resolve(None, torch.device("cpu")) == "reference"
+        assert fastlin.backends.resolve("cpp", torch.device("cpu")) == "cpp"  # backend= beats the default
+    finally:
+        fastlin.backends.set_default(old)
+    assert fastlin.backends.resolve("auto", torch.device("cpu")) == "cpp"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastlin.nn.Linear(3, 2, backend="fastest")(x)
+    unavailable, why = _unavailable_backend()
+    if unavailable:
+        with pytest.raises(RuntimeError, match=f"backend '{unavailable}' is not available"):
+            fastlin.functional.linear(x, w, backend=unavailable)

@@ -13,3 +13,4 @@
 #include "cpu/kernels/mse.h"
 #include "cpu/kernels/sgd.h"
 #include "cpu/kernels/gram.h"
+#include "cpu/kernels/fused.h"

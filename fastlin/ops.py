@@ -181,13 +181,16 @@ def _register_fakes() -> None:
         C.check_linear_args("linear_mse_loss", input, weight, bias)
         C.check_target("linear_mse_loss", target, input, weight)
         C.check_reduction("linear_mse_loss", reduction, allow_none=False)
-        e = input.new_empty((0,))
+
+        def e():  # one per masked output: outputs must not alias each other (opcheck checks)
+            return input.new_empty((0,))
+
         return (
             input.new_empty(()),
-            input.new_empty(input.shape) if output_mask[0] else e,
-            input.new_empty(weight.shape) if output_mask[1] else e,
-            input.new_empty((weight.shape[0],)) if output_mask[2] else e,
-            input.new_empty(target.shape) if output_mask[3] else e,
+            input.new_empty(input.shape) if output_mask[0] else e(),
+            input.new_empty(weight.shape) if output_mask[1] else e(),
+            input.new_empty((weight.shape[0],)) if output_mask[2] else e(),
+            input.new_empty(target.shape) if output_mask[3] else e(),
         )
 
     @torch.library.register_fake("fastlin::sgd_update_")

@@ -180,27 +180,11 @@ def samples(op, device):
     raise AssertionError(op)
 
 
-# Kernel bugs opcheck finds in the cpp backend, for the kernel owners (csrc/cpu/*): (op, sample) -> bug.
-CPP_BUGS = {
-    (
-        "linear_mse_loss",
-        1,
-    ): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
-    "outputs 1 and 3 alias each other; allocate one (0,) tensor each",
-    (
-        "linear_mse_loss",
-        2,
-    ): "linear_mse_loss_cpu returns one `empty` tensor for every masked-off gradient, so "
-    "outputs 1..4 alias each other; allocate one (0,) tensor each",
-}
-
 SAMPLE_IDS = [(op, i) for op in OPS for i in range(len(samples(op, "meta")))]
 
 
 @pytest.mark.parametrize("op, i", SAMPLE_IDS, ids=[f"{op}-{i}" for op, i in SAMPLE_IDS])
-def test_opcheck(request, op_namespace, op, i):
+def test_opcheck(op_namespace, op, i):
     ns, device, backend = op_namespace
-    if backend == "cpp" and (op, i) in CPP_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CPP_BUGS[(op, i)]))
     assert hasattr(ns, op), f"{backend}: op {op} is not registered"
     torch.library.opcheck(getattr(ns, op), samples(op, device)[i])

@@ -12,3 +12,5 @@
 #include "cpu/kernels/linear.h"
 #include "cpu/kernels/mse.h"
 #include "cpu/kernels/sgd.h"
+#include "cpu/kernels/gram.h"
+#include "cpu/kernels/fused.h"

@@ -41,14 +41,27 @@ def _want_cuda():
 
 
 def _extension():
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(
+        [os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     # -ffp-contract=fast lets `a * b + c` in the kernels become one FMA where the ISA has it.
-    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx = opt + [
+        "-std=c++17",
+        "-fopenmp",
+        "-fno-math-errno",
+        "-ffp-contract=fast",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Wno-psabi",
+    ]
     macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        sources += _rel(
+            glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+            + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+        )
         arch_list = os.environ.get("FASTLIN_CUDA_ARCH_LIST", "8.0;9.0")
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         nvcc = opt + ["-std=c++17", "-lineinfo"] if not DEBUG else ["-O0", "-G", "-std=c++17"]

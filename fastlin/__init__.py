@@ -1,24 +1,45 @@
 """fastlin: fused kernels for training linear models in PyTorch.
 
-    import fastlin
-    model = fastlin.nn.Linear(1, 1)           # drop-in for torch.nn.Linear
-    criterion = fastlin.nn.MSELoss()          # drop-in for torch.nn.MSELoss
-    opt = fastlin.optim.SGD(model.parameters(), lr=0.01)
-    fastlin.info()                            # which backends run here, and why not
-    reg = fastlin.FusedLinearRegressor(1, 1, lr=0.01).fit(x, y, epochs=1000)   # fused training loop
+import fastlin
+model = fastlin.nn.Linear(1, 1)           # drop-in for torch.nn.Linear
+criterion = fastlin.nn.MSELoss()          # drop-in for torch.nn.MSELoss
+opt = fastlin.optim.SGD(model.parameters(), lr=0.01)
+fastlin.info()                            # which backends run here, and why not
+reg = fastlin.FusedLinearRegressor(1, 1, lr=0.01).fit(x, y, epochs=1000)   # fused training loop
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastlin import backends  # noqa: E402  (loads fastlin._C, or warns once and falls back)
-from fastlin import autograd, functional, nn, ops, optim, reference, solvers  # noqa: E402
+from fastlin import (  # noqa: E402
+    autograd,
+    backends,  # noqa: E402  (loads fastlin._C, or warns once and falls back)
+    functional,
+    nn,
+    ops,
+    optim,
+    reference,
+    solvers,
+)
 from fastlin.regressor import FusedLinearRegressor  # noqa: E402
 from fastlin.solvers import IllConditionedWarning, ridge_path  # noqa: E402
 
-__all__ = ["FusedLinearRegressor", "IllConditionedWarning", "autograd", "backends", "functional", "info",
-           "nn", "ops", "optim", "reference", "ridge_path", "solvers", "__version__"]
+__all__ = [
+    "FusedLinearRegressor",
+    "IllConditionedWarning",
+    "autograd",
+    "backends",
+    "functional",
+    "info",
+    "nn",
+    "ops",
+    "optim",
+    "reference",
+    "ridge_path",
+    "solvers",
+    "__version__",
+]
 
 
 def info(file=None) -> dict:
@@ -50,11 +71,16 @@ def info(file=None) -> dict:
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     out = file or sys.stdout
-    print(f"fastlin {__version__}  torch {report['torch']}  triton {report['triton']}  python {report['python']}",
-          file=out)
-    print(f"cpu: {report['processor']} ({report['machine']}), {report['threads']} threads"
-          f"{'  OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}",
-          file=out)
+    print(
+        f"fastlin {__version__}  torch {report['torch']}  triton {report['triton']}  "
+        f"python {report['python']}",
+        file=out,
+    )
+    print(
+        f"cpu: {report['processor']} ({report['machine']}), {report['threads']} threads"
+        f"{'  OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}",
+        file=out,
+    )
     if torch.cuda.is_available():
         print(f"gpu: {report['gpu']} (CUDA {report['cuda']})", file=out)
     print(f"default backend: {report['default_backend']}", file=out)

@@ -34,12 +34,16 @@ def check_floating(op: str, name: str, t: torch.Tensor) -> None:
 
 def check_same_dtype(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.dtype != ref.dtype:
-        raise TypeError(f"fastlin.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+        raise TypeError(
+            f"fastlin.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}"
+        )
 
 
 def check_same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
-        raise RuntimeError(f"fastlin.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+        raise RuntimeError(
+            f"fastlin.{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}"
+        )
 
 
 def check_shape(op: str, name: str, t: torch.Tensor, expected, why: str) -> None:
@@ -85,7 +89,8 @@ def check_target(op: str, target: torch.Tensor, input: torch.Tensor, weight: tor
         "target",
         target,
         (input.shape[0], weight.shape[0]),
-        "(N, out_features) to match input's rows and weight's out_features; fastlin never broadcasts a target",
+        "(N, out_features) to match input's rows and weight's out_features; "
+        "fastlin never broadcasts a target",
     )
 
 
@@ -99,7 +104,9 @@ def check_mse_args(op: str, input: torch.Tensor, target: torch.Tensor, reduction
     check_shape(op, "target", target, input.shape, "(the shape of input; fastlin never broadcasts a target)")
 
 
-def check_sgd_options(op: str, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool):
+def check_sgd_options(
+    op: str, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
+):
     if not lr >= 0:
         raise ValueError(f"fastlin.{op}: lr must be >= 0, got {lr}")
     if not momentum >= 0:
@@ -112,7 +119,9 @@ def check_sgd_options(op: str, lr: float, momentum: float, dampening: float, wei
 
 def check_sgd_update_args(op, params, grads, momentum_buffers, momentum) -> None:
     if len(grads) != len(params):
-        raise ValueError(f"fastlin.{op}: grads must have one tensor per parameter ({len(params)}), got {len(grads)}")
+        raise ValueError(
+            f"fastlin.{op}: grads must have one tensor per parameter ({len(params)}), got {len(grads)}"
+        )
     want = 0 if momentum == 0 else len(params)
     if len(momentum_buffers) != want:
         raise ValueError(
@@ -131,8 +140,21 @@ def check_sgd_update_args(op, params, grads, momentum_buffers, momentum) -> None
             check_shape(op, f"momentum_buffers[{i}]", b, p.shape, "(the shape of its parameter)")
 
 
-def check_train_args(op, input, target, weight, bias, weight_momentum, bias_momentum, sample_weight,
-                     lr, momentum, dampening, weight_decay, nesterov) -> None:
+def check_train_args(
+    op,
+    input,
+    target,
+    weight,
+    bias,
+    weight_momentum,
+    bias_momentum,
+    sample_weight,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+) -> None:
     for name, t in (("input", input), ("target", target), ("weight", weight)):
         check_tensor(op, name, t)
     check_dim(op, "input", input, 2, "(N, in_features)")

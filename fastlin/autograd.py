@@ -76,7 +76,9 @@ class LinearMSELossFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, target, reduction="mean", backend=None):
         need = ctx.needs_input_grad
         mask = (need[0], need[1], need[2] and bias is not None, need[3])
-        loss, gi, gw, gb, gt = ops.linear_mse_loss(input, weight, bias, target, reduction, mask, backend=backend)
+        loss, gi, gw, gb, gt = ops.linear_mse_loss(
+            input, weight, bias, target, reduction, mask, backend=backend
+        )
         ctx.mask = mask
         ctx.save_for_backward(gi, gw, gb, gt)
         return loss

@@ -73,7 +73,8 @@ def _probe() -> None:
     else:
         _status["cuda"] = (
             False,
-            _C_error or "fastlin._C was built without CUDA kernels (build with FASTLIN_BUILD_CUDA=1 and a CUDA torch)",
+            _C_error
+            or "fastlin._C was built without CUDA kernels (build with FASTLIN_BUILD_CUDA=1 and a CUDA torch)",
         )
     _status["triton"] = _triton_status()
 

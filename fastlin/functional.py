@@ -14,7 +14,9 @@ __all__ = ["linear", "mse_loss", "linear_mse_loss", "sgd_update_", "train_step",
 def _as_2d(op: str, input: torch.Tensor) -> torch.Tensor:
     C.check_tensor(op, "input", input)
     if input.dim() == 0:
-        raise ValueError(f"fastlin.{op}: input must have at least 1 dimension (..., in_features), got a 0-d tensor")
+        raise ValueError(
+            f"fastlin.{op}: input must have at least 1 dimension (..., in_features), got a 0-d tensor"
+        )
     return input.unsqueeze(0) if input.dim() == 1 else input.flatten(0, -2)
 
 
@@ -33,9 +35,13 @@ def _linear(input, weight, bias, backend):
     # Hot path (cpp/cuda backends, eager): the registered op, whose autograd is C++
     # (csrc/cpu/autograd.cpp), called without the OpOverload wrapper; the op checks its
     # arguments with the same messages. torch.compile keeps tracing LinearFunction below.
-    if (isinstance(input, _Tensor) and isinstance(weight, _Tensor) and (bias is None or isinstance(bias, _Tensor))
-            and not _is_compiling()
-            and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))):
+    if (
+        isinstance(input, _Tensor)
+        and isinstance(weight, _Tensor)
+        and (bias is None or isinstance(bias, _Tensor))
+        and not _is_compiling()
+        and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))
+    ):
         nd = input.dim()
         if nd == 2:
             return ops.native_linear(input, weight, bias)
@@ -47,8 +53,15 @@ def _linear(input, weight, bias, backend):
     return y.reshape(*input.shape[:-1], weight.shape[0])
 
 
-def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None, reduction: str = "mean", *,
-             backend=None) -> torch.Tensor:
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    *,
+    backend=None,
+) -> torch.Tensor:
     """Like torch.nn.functional.mse_loss, except that a target whose shape differs from input's
     raises instead of broadcasting."""
     if size_average is not None or reduce is not None:
@@ -60,19 +73,32 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
 
 
 def _mse_loss(input, target, reduction, backend):
-    if (isinstance(input, _Tensor) and isinstance(target, _Tensor) and not _is_compiling()
-            and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))):
+    if (
+        isinstance(input, _Tensor)
+        and isinstance(target, _Tensor)
+        and not _is_compiling()
+        and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))
+    ):
         return ops.native_mse_loss(input, target, reduction)  # C++ autograd, see _linear()
     return MSELossFunction.apply(input, target, reduction, backend)
 
 
-def linear_mse_loss(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                    reduction: str = "mean", *, backend=None) -> torch.Tensor:
+def linear_mse_loss(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    *,
+    backend=None,
+) -> torch.Tensor:
     """mse_loss(linear(input, weight, bias), target, reduction) in one pass over input (no (N, O)
     prediction is materialised for "mean"/"sum"). input (..., D), target (..., O)."""
     C.check_reduction("linear_mse_loss", reduction, allow_none=True)
     if reduction == "none":  # the elementwise loss is (N, O) anyway: compose the two ops
-        return mse_loss(linear(input, weight, bias, backend=backend), target, reduction=reduction, backend=backend)
+        return mse_loss(
+            linear(input, weight, bias, backend=backend), target, reduction=reduction, backend=backend
+        )
     x = _as_2d("linear_mse_loss", input)
     C.check_tensor("linear_mse_loss", "target", target)
     C.check_tensor("linear_mse_loss", "weight", weight)
@@ -80,7 +106,8 @@ def linear_mse_loss(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     C.check_dim("linear_mse_loss", "weight", weight, 2, "(out_features, in_features)")
     if tuple(target.shape) != (*input.shape[:-1], weight.shape[0]):
         raise ValueError(
-            f"fastlin.linear_mse_loss: target must have shape {C.shape_str((*input.shape[:-1], weight.shape[0]))} "
+            "fastlin.linear_mse_loss: target must have shape "
+            f"{C.shape_str((*input.shape[:-1], weight.shape[0]))} "
             f"(input's leading dimensions, out_features); fastlin never broadcasts a target, got "
             f"{C.shape_str(target.shape)}"
         )

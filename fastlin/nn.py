@@ -16,8 +16,16 @@ _is_compiling = torch.compiler.is_compiling
 class Linear(torch.nn.Linear):
     """torch.nn.Linear with fastlin's kernels. ``backend`` picks the implementation (None: the default)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.backend = backend
 
@@ -36,7 +44,9 @@ class Linear(torch.nn.Linear):
 class MSELoss(torch.nn.MSELoss):
     """torch.nn.MSELoss with fastlin's kernels; a target whose shape differs from input's raises."""
 
-    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", *, backend: str | None = None):
+    def __init__(
+        self, size_average=None, reduce=None, reduction: str = "mean", *, backend: str | None = None
+    ):
         super().__init__(size_average, reduce, reduction)
         self.backend = backend
 
@@ -51,8 +61,17 @@ class LinearMSELoss(Linear):
     """A Linear layer whose forward takes (input, target) and returns the MSE of its prediction,
     fused: one pass over input, no (N, out_features) prediction for "mean"/"sum"."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 reduction: str = "mean", backend: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        reduction: str = "mean",
+        backend: str | None = None,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype, backend=backend)
         self.reduction = reduction
 

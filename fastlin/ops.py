@@ -90,40 +90,124 @@ def mse_loss_backward(grad_output, input, target, reduction="mean", *, backend=N
     return impl("mse_loss_backward", backend, input.device)(grad_output, input, target, reduction)
 
 
-def linear_mse_loss(input, weight, bias, target, reduction="mean", output_mask=(True, True, True, True), *,
-                    backend=None):
+def linear_mse_loss(
+    input, weight, bias, target, reduction="mean", output_mask=(True, True, True, True), *, backend=None
+):
     """-> (loss, grad_input, grad_weight, grad_bias, grad_target), gradients for grad_output = 1."""
-    return impl("linear_mse_loss", backend, input.device)(input, weight, bias, target, reduction, list(output_mask))
+    return impl("linear_mse_loss", backend, input.device)(
+        input, weight, bias, target, reduction, list(output_mask)
+    )
 
 
-def sgd_update_(params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                maximize=False, first_step=False, *, backend=None) -> None:
+def sgd_update_(
+    params,
+    grads,
+    momentum_buffers,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    first_step=False,
+    *,
+    backend=None,
+) -> None:
     if not params:
         return
     impl("sgd_update_", backend, params[0].device)(
-        list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
-        float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
+        list(params),
+        list(grads),
+        list(momentum_buffers),
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
     )
 
 
-def train_step(input, target, weight, bias=None, weight_momentum=None, bias_momentum=None, sample_weight=None, *,
-               lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
-               backend=None) -> torch.Tensor:
+def train_step(
+    input,
+    target,
+    weight,
+    bias=None,
+    weight_momentum=None,
+    bias_momentum=None,
+    sample_weight=None,
+    *,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    first_step=False,
+    backend=None,
+) -> torch.Tensor:
     """One fused SGD step on the MSE of input (N, D) against target (N, O); returns the loss (0-d)."""
     return impl("train_step", backend, input.device)(
-        input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
     )
 
 
-def fit(input, target, weight, bias=None, weight_momentum=None, bias_momentum=None, sample_weight=None, *, epochs,
-        batch_size=0, shuffle=True, seed=0, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-        maximize=False, first_step=False, backend=None) -> torch.Tensor:
+def fit(
+    input,
+    target,
+    weight,
+    bias=None,
+    weight_momentum=None,
+    bias_momentum=None,
+    sample_weight=None,
+    *,
+    epochs,
+    batch_size=0,
+    shuffle=True,
+    seed=0,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    first_step=False,
+    backend=None,
+) -> torch.Tensor:
     """`epochs` fused passes over the data; returns the per-epoch loss history (epochs,)."""
     return impl("fit", backend, input.device)(
-        input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, int(epochs), int(batch_size),
-        bool(shuffle), int(seed), float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-        bool(maximize), bool(first_step),
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        int(epochs),
+        int(batch_size),
+        bool(shuffle),
+        int(seed),
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
     )
 
 
@@ -138,8 +222,11 @@ def gram(input, target, sample_weight=None, *, backend=None) -> torch.Tensor:
 def _has_gram_kernel(which: str) -> bool:
     # The C++ CPU kernel; the GPU backends have none and run the reference (chunked float64
     # GEMMs on the device).
-    return which == "cpp" and backends.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastlin::gram", "CPU")
+    return (
+        which == "cpp"
+        and backends.extension_loaded()
+        and torch._C._dispatch_has_kernel_for_dispatch_key("fastlin::gram", "CPU")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,21 +281,81 @@ def _register_fakes() -> None:
         )
 
     @torch.library.register_fake("fastlin::sgd_update_")
-    def _(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+    def _(
+        params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step
+    ):
         C.check_sgd_update_args("sgd_update_", params, grads, momentum_buffers, momentum)
 
     @torch.library.register_fake("fastlin::train_step")
-    def _(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr, momentum, dampening,
-          weight_decay, nesterov, maximize, first_step):
-        C.check_train_args("train_step", input, target, weight, bias, weight_momentum, bias_momentum,
-                           sample_weight, lr, momentum, dampening, weight_decay, nesterov)
+    def _(
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+        first_step,
+    ):
+        C.check_train_args(
+            "train_step",
+            input,
+            target,
+            weight,
+            bias,
+            weight_momentum,
+            bias_momentum,
+            sample_weight,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        )
         return input.new_empty((), dtype=loss_dtype(input))
 
     @torch.library.register_fake("fastlin::fit")
-    def _(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, epochs, batch_size, shuffle,
-          seed, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
-        C.check_train_args("fit", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
-                           momentum, dampening, weight_decay, nesterov)
+    def _(
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        epochs,
+        batch_size,
+        shuffle,
+        seed,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+        first_step,
+    ):
+        C.check_train_args(
+            "fit",
+            input,
+            target,
+            weight,
+            bias,
+            weight_momentum,
+            bias_momentum,
+            sample_weight,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        )
         return input.new_empty((epochs,), dtype=loss_dtype(input))
 
     @torch.library.register_fake("fastlin::gram")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from torch.optim import optimizer as _topt
 
 from fastlin import _checks as C
@@ -29,8 +28,21 @@ class SGD(torch.optim.SGD):
     device). ``fused=True`` and ``differentiable=True`` are torch-specific modes and raise.
     ``backend`` picks the implementation (None: the default)."""
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, backend: str | None = None):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        *,
+        maximize=False,
+        foreach=None,
+        differentiable=False,
+        fused=None,
+        backend: str | None = None,
+    ):
         if differentiable:
             raise ValueError("fastlin.optim.SGD: differentiable=True is not supported; use torch.optim.SGD")
         if fused:
@@ -38,8 +50,18 @@ class SGD(torch.optim.SGD):
                 "fastlin.optim.SGD: fused=True selects torch's own fused kernel; fastlin's update is "
                 "always fused, leave fused unset"
             )
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
-                         foreach=foreach, differentiable=False, fused=fused)
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=False,
+            fused=fused,
+        )
         self.backend = backend
 
     def step(self, closure=None):
@@ -48,8 +70,14 @@ class SGD(torch.optim.SGD):
         # ~3 us a call); `hooked = True` below opts out of that, and the wrapped version runs
         # only when a hook is registered or the profiler is on, so hooks and traces are unchanged.
         # Under torch.compile dynamo traces the wrapped version, like torch's own optimizers.
-        if (_is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                or _topt._global_optimizer_pre_hooks or _topt._global_optimizer_post_hooks or _profiler_enabled()):
+        if (
+            _is_compiling()
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _topt._global_optimizer_pre_hooks
+            or _topt._global_optimizer_post_hooks
+            or _profiler_enabled()
+        ):
             return self._hooked_step(closure)
         return self._step(closure)
 
@@ -86,8 +114,9 @@ class SGD(torch.optim.SGD):
             if native:  # the registered op directly: no wrapper, no list copies
                 ops.native_sgd_update_(ps, gs, bs, lr, momentum, dampening, wd, nesterov, maximize, first)
             else:
-                ops.sgd_update_(ps, gs, bs, lr, momentum, dampening, wd, nesterov, maximize, first,
-                                backend=self.backend)
+                ops.sgd_update_(
+                    ps, gs, bs, lr, momentum, dampening, wd, nesterov, maximize, first, backend=self.backend
+                )
             if momentum != 0:  # only after a successful update: a failed check leaves state as it was
                 for p, b in zip(ps, bs):
                     state[p]["momentum_buffer"] = b
@@ -104,8 +133,13 @@ class SGD(torch.optim.SGD):
         list on one device; parameters without a momentum buffer yet start theirs from their
         gradient)."""
         momentum = float(group["momentum"])
-        opts = (_scalar(group["lr"]), float(group["dampening"]), _scalar(group["weight_decay"]),
-                bool(group["nesterov"]), bool(group["maximize"]))
+        opts = (
+            _scalar(group["lr"]),
+            float(group["dampening"]),
+            _scalar(group["weight_decay"]),
+            bool(group["nesterov"]),
+            bool(group["maximize"]),
+        )
         if momentum == 0:  # common case: every gradient on one device -> one call, two lists
             ps, gs = [], []
             device = None
@@ -114,7 +148,9 @@ class SGD(torch.optim.SGD):
                 if grad is None:
                     continue
                 if grad.is_sparse:
-                    raise RuntimeError("fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD")
+                    raise RuntimeError(
+                        "fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD"
+                    )
                 if device is None:
                     device = p.device
                 elif p.device != device:
@@ -132,7 +168,9 @@ class SGD(torch.optim.SGD):
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError("fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD")
+                raise RuntimeError(
+                    "fastlin.optim.SGD: sparse gradients are not supported; use torch.optim.SGD"
+                )
             buf = None
             first = False
             if momentum != 0:
@@ -153,7 +191,9 @@ class SGD(torch.optim.SGD):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (torch.optim.Optimizer.zero_grad; same semantics)."""
-        if set_to_none and not _is_compiling() and not _profiler_enabled():  # torch's loop minus record_function (~2 us)
+        if (
+            set_to_none and not _is_compiling() and not _profiler_enabled()
+        ):  # torch's loop minus record_function (~2 us)
             for group in self.param_groups:
                 for p in group["params"]:
                     p.grad = None

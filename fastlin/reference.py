@@ -33,7 +33,9 @@ def linear_backward(grad_output, input, weight, output_mask):
     """-> (grad_input (N, D), grad_weight (O, D), grad_bias (O,)); masked-off ones are empty (0,)."""
     C.check_linear_args("linear_backward", input, weight, None)
     C.check_same_dtype("linear_backward", "grad_output", grad_output, "input", input)
-    C.check_shape("linear_backward", "grad_output", grad_output, (input.shape[0], weight.shape[0]), "(N, out_features)")
+    C.check_shape(
+        "linear_backward", "grad_output", grad_output, (input.shape[0], weight.shape[0]), "(N, out_features)"
+    )
     a = _acc(input.dtype)
     g = grad_output.to(a)
     dt = input.dtype
@@ -102,23 +104,41 @@ def _sgd_direction(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, m
     return p - lr * g, new_buf
 
 
-def sgd_update_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                first_step) -> None:
+def sgd_update_(
+    params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step
+) -> None:
     """In-place torch.optim.SGD update of every parameter of a group."""
     C.check_sgd_update_args("sgd_update_", params, grads, momentum_buffers, momentum)
     with torch.no_grad():
         for i, (p, g) in enumerate(zip(params, grads)):
             a = _acc(p.dtype)
             buf = momentum_buffers[i].to(a) if momentum_buffers else None
-            new_p, new_buf = _sgd_direction(p.to(a), g.to(a), buf, lr, momentum, dampening, weight_decay, nesterov,
-                                            maximize, first_step)
+            new_p, new_buf = _sgd_direction(
+                p.to(a), g.to(a), buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step
+            )
             if new_buf is not None:
                 momentum_buffers[i].copy_(new_buf)
             p.copy_(new_p)
 
 
-def _step_rows(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, rows, lr, momentum,
-               dampening, weight_decay, nesterov, maximize, first_step, check_finite):
+def _step_rows(
+    input,
+    target,
+    weight,
+    bias,
+    weight_momentum,
+    bias_momentum,
+    sample_weight,
+    rows,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+    check_finite,
+):
     """One step on input[rows] -> (loss, weight sum, applied). Mirrors csrc/cpu/train_step.h."""
     a = _acc(weight.dtype)
     x = (input if rows is None else input[rows]).to(a)
@@ -139,11 +159,14 @@ def _step_rows(input, target, weight, bias, weight_momentum, bias_momentum, samp
     loss = (rw * r).sum() / denom
     g = rw * (2.0 / denom)
     opts = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    new_w, new_wb = _sgd_direction(w, g.T @ x, None if weight_momentum is None else weight_momentum.to(a), *opts)
+    new_w, new_wb = _sgd_direction(
+        w, g.T @ x, None if weight_momentum is None else weight_momentum.to(a), *opts
+    )
     new_b = new_bb = None
     if bias is not None:
-        new_b, new_bb = _sgd_direction(bias.to(a), g.sum(0), None if bias_momentum is None else bias_momentum.to(a),
-                                       *opts)
+        new_b, new_bb = _sgd_direction(
+            bias.to(a), g.sum(0), None if bias_momentum is None else bias_momentum.to(a), *opts
+        )
     if check_finite:
         ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(new_w).all())
         ok = ok and (new_b is None or bool(torch.isfinite(new_b).all()))
@@ -159,27 +182,105 @@ def _step_rows(input, target, weight, bias, weight_momentum, bias_momentum, samp
     return loss, wsum, True
 
 
-def train_step(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr, momentum, dampening,
-               weight_decay, nesterov, maximize, first_step) -> torch.Tensor:
+def train_step(
+    input,
+    target,
+    weight,
+    bias,
+    weight_momentum,
+    bias_momentum,
+    sample_weight,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+) -> torch.Tensor:
     """One fused full-batch SGD step on the MSE; updates weight/bias/buffers in place, returns the loss."""
-    C.check_train_args("train_step", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight,
-                       lr, momentum, dampening, weight_decay, nesterov)
+    C.check_train_args(
+        "train_step",
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+    )
     if input.shape[0] == 0:
-        raise ValueError(f"fastlin.train_step: input must have at least one row, got shape {C.shape_str(input.shape)}")
+        raise ValueError(
+            f"fastlin.train_step: input must have at least one row, got shape {C.shape_str(input.shape)}"
+        )
     with torch.no_grad():
-        loss, _, _ = _step_rows(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, None, lr,
-                                momentum, dampening, weight_decay, nesterov, maximize, first_step, False)
+        loss, _, _ = _step_rows(
+            input,
+            target,
+            weight,
+            bias,
+            weight_momentum,
+            bias_momentum,
+            sample_weight,
+            None,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize,
+            first_step,
+            False,
+        )
     return loss.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
 
 
-def fit(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, epochs, batch_size, shuffle, seed,
-        lr, momentum, dampening, weight_decay, nesterov, maximize, first_step) -> torch.Tensor:
+def fit(
+    input,
+    target,
+    weight,
+    bias,
+    weight_momentum,
+    bias_momentum,
+    sample_weight,
+    epochs,
+    batch_size,
+    shuffle,
+    seed,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+) -> torch.Tensor:
     """`epochs` passes of train_step (see csrc/ops.cpp) -> per-epoch loss history (epochs,)."""
-    C.check_train_args("fit", input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
-                       momentum, dampening, weight_decay, nesterov)
+    C.check_train_args(
+        "fit",
+        input,
+        target,
+        weight,
+        bias,
+        weight_momentum,
+        bias_momentum,
+        sample_weight,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+    )
     n = input.shape[0]
     if n == 0:
-        raise ValueError(f"fastlin.fit: input must have at least one row, got shape {C.shape_str(input.shape)}")
+        raise ValueError(
+            f"fastlin.fit: input must have at least one row, got shape {C.shape_str(input.shape)}"
+        )
     if epochs < 0:
         raise ValueError(f"fastlin.fit: epochs must be >= 0, got {epochs}")
     bs = n if batch_size <= 0 or batch_size >= n else batch_size
@@ -199,9 +300,24 @@ def fit(input, target, weight, bias, weight_momentum, bias_momentum, sample_weig
                     rows = torch.arange(start, min(start + bs, n), device=input.device)
                 else:
                     rows = order[start : start + bs]
-                loss, wsum, ok = _step_rows(input, target, weight, bias, weight_momentum, bias_momentum,
-                                            sample_weight, rows, lr, momentum, dampening, weight_decay, nesterov,
-                                            maximize, first, True)
+                loss, wsum, ok = _step_rows(
+                    input,
+                    target,
+                    weight,
+                    bias,
+                    weight_momentum,
+                    bias_momentum,
+                    sample_weight,
+                    rows,
+                    lr,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    nesterov,
+                    maximize,
+                    first,
+                    True,
+                )
                 if not ok:
                     break
                 first = False

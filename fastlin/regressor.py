@@ -140,8 +140,10 @@ class FusedLinearRegressor(torch.nn.Module):
         if solver not in _SOLVERS:
             choices = ", ".join(map(repr, _SOLVERS))
             raise ValueError(f"{name}: solver must be one of {choices}, got {solver!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
-            math.isfinite(alpha) and alpha >= 0
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not (math.isfinite(alpha) and alpha >= 0)
         ):
             raise ValueError(f"{name}: alpha must be a finite float >= 0, got {alpha!r}")
         backend = backends._validate(backend)
@@ -436,7 +438,13 @@ class FusedLinearRegressor(torch.nn.Module):
         Returns self."""
         if distributed.is_active() and y is not None and getattr(self, "solver", "sgd") == "sgd":
             return distributed.fit_sgd(
-                self, x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                self,
+                x,
+                y,
+                epochs=epochs,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                seed=seed,
                 sample_weight=sample_weight,
             )
         name = "fastlin.FusedLinearRegressor.fit"
@@ -728,15 +736,23 @@ class FusedLinearRegressor(torch.nn.Module):
         state = [t for t in state if t is not None]
         saved = [t.clone() for t in state]
         loss = ops.train_step(
-            x, y, self.weight, self.bias, self.weight_momentum, self.bias_momentum, sw,
-            first_step=self._first_step, **self._opts(),
+            x,
+            y,
+            self.weight,
+            self.bias,
+            self.weight_momentum,
+            self.bias_momentum,
+            sw,
+            first_step=self._first_step,
+            **self._opts(),
         )
         lv = float(loss)
         if not (math.isfinite(lv) and all(bool(torch.isfinite(t).all()) for t in state)):
             for t, v in zip(state, saved):
                 t.copy_(v)
             culprits = [
-                (n, r) for n, t in (("x", x), ("y", y), ("sample_weight", sw))
+                (n, r)
+                for n, t in (("x", x), ("y", y), ("sample_weight", sw))
                 if (r := _first_non_finite_row(t)) is not None
             ]
             msg = f"fastlin.FusedLinearRegressor.{method}: non-finite loss or update"
@@ -851,11 +867,13 @@ class FusedLinearRegressor(torch.nn.Module):
             hist.append(total / weight)
         hist_dtype = torch.float64 if first_dtype == torch.float64 else torch.float32
         self.__dict__.update(
-            n_features_in_=self.in_features, _y_1d=one_d, seed_=None,
-            loss_history_=torch.tensor(hist, dtype=hist_dtype), n_iter_=epochs,
+            n_features_in_=self.in_features,
+            _y_1d=one_d,
+            seed_=None,
+            loss_history_=torch.tensor(hist, dtype=hist_dtype),
+            n_iter_=epochs,
         )
         return self
-
 
 
 def _dtype_of(t):

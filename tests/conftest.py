@@ -80,7 +80,9 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def assert_rel_close(out, ref, dtype, factor: float = 1.0, what: str = ""):
     """out within REL_TOL[dtype] * factor of ref (relative 2-norm); NaN anywhere in out fails."""
-    assert not torch.isnan(out.detach().cpu()).any() or torch.isnan(ref.detach().cpu()).any(), f"{what}: NaN in output"
+    assert not torch.isnan(out.detach().cpu()).any() or torch.isnan(ref.detach().cpu()).any(), (
+        f"{what}: NaN in output"
+    )
     err = rel_error(out, ref)
     tol = REL_TOL[dtype] * factor
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"

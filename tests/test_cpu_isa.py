@@ -12,18 +12,32 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = [os.path.join(HERE, f) for f in ("test_linear.py", "test_mse_loss.py", "test_sgd_update.py")]
-SUBSET = " or ".join([
-    "test_linear_forms and cpp", "test_linear_layouts and cpp", "test_linear_backward_masks and cpp",
-    "test_mse_grid and cpp and bfloat16", "test_mse_layouts and cpp", "test_mse_backward_grad_output and cpp",
-    "test_sgd_matches_torch and cpp", "test_sgd_dtypes and cpp", "test_sgd_non_contiguous and cpp",
-])
+SUBSET = " or ".join(
+    [
+        "test_linear_forms and cpp",
+        "test_linear_layouts and cpp",
+        "test_linear_backward_masks and cpp",
+        "test_mse_grid and cpp and bfloat16",
+        "test_mse_layouts and cpp",
+        "test_mse_backward_grad_output and cpp",
+        "test_sgd_matches_torch and cpp",
+        "test_sgd_dtypes and cpp",
+        "test_sgd_non_contiguous and cpp",
+    ]
+)
 
 
 @pytest.mark.skipif(os.environ.get("FASTLIN_CPU_ISA") is not None, reason="already inside an ISA subprocess")
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_kernels_on_isa(isa):
     env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FILES, "-k", SUBSET],
-                       env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FILES, "-k", SUBSET],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=HERE,
+    )
     assert r.returncode == 0, f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
     assert " passed" in r.stdout and " failed" not in r.stdout

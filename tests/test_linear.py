@@ -15,8 +15,19 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 GRID = list(itertools.product([1, 7, 4097], [1, 3, 257], [1, 3, 17]))
 # Shapes that reach every kernel form: dot (O < lanes), axpy (O >= lanes, 1..4+ chunks), outer
 # (D == 1), the transposed grad_weight (D < lanes <= O), the bench shapes, and ATen's GEMM range.
-FORMS = [(100, 1, 1), (100, 1, 16), (33, 2, 40), (100, 64, 1), (100, 64, 16), (70, 256, 16), (5, 20, 70),
-         (9, 8, 8), (300, 15, 33), (4, 300, 200), (130, 129, 130)]
+FORMS = [
+    (100, 1, 1),
+    (100, 1, 16),
+    (33, 2, 40),
+    (100, 64, 1),
+    (100, 64, 16),
+    (70, 256, 16),
+    (5, 20, 70),
+    (9, 8, 8),
+    (300, 15, 33),
+    (4, 300, 200),
+    (130, 129, 130),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +77,11 @@ def _check_backward(backend, g, x, w, dtype, mask=(True, True, True)):
     # O = 1 is one sum of N signed terms) has a large relative error for anyone; DESIGN.md's rule
     # allows 2x the error stock torch makes there.
     stock = (g @ w, g.T @ x, g.sum(0)) if dtype == torch.float32 else (None, None, None)
-    for m, out, ref, st, name in ((mask[0], gi, ri, stock[0], "grad_input"), (mask[1], gw, rw, stock[1], "grad_weight"),
-                                  (mask[2], gb, rb, stock[2], "grad_bias")):
+    for m, out, ref, st, name in (
+        (mask[0], gi, ri, stock[0], "grad_input"),
+        (mask[1], gw, rw, stock[1], "grad_weight"),
+        (mask[2], gb, rb, stock[2], "grad_bias"),
+    ):
         if m:
             assert out.dtype == dtype
             factor = 1.0 if st is None else max(1.0, 2 * rel_error(st, ref) / REL_TOL[dtype])
@@ -115,7 +129,13 @@ def _layouts(n, d, o, device):
     yield "x transposed", torch.randn(d, n, device=device).t(), w, b, g
     yield "x expanded rows", torch.randn(1, d, device=device).expand(n, d), w, b, g
     yield "x expanded scalar", torch.randn((), device=device).expand(n, d), w, b, g
-    yield "w transposed, b strided", x, torch.randn(d, o, device=device).t(), torch.randn(2 * o, device=device)[::2], g
+    yield (
+        "w transposed, b strided",
+        x,
+        torch.randn(d, o, device=device).t(),
+        torch.randn(2 * o, device=device)[::2],
+        g,
+    )
     yield "g transposed", x, w, b, torch.randn(o, n, device=device).t()
     yield "g expanded", x, w, b, torch.randn(1, o, device=device).expand(n, o)
 
@@ -209,5 +229,6 @@ def test_linear_opcheck():
             torch.library.opcheck(torch.ops.fastlin.linear.default, (x, w, b))
         g = torch.randn(n, o)
         for mask in ([True, True, True], [False, True, False], [True, False, True]):
-            torch.library.opcheck(torch.ops.fastlin.linear_backward.default,
-                                  (g, torch.randn(n, d), torch.randn(o, d), mask))
+            torch.library.opcheck(
+                torch.ops.fastlin.linear_backward.default, (g, torch.randn(n, d), torch.randn(o, d), mask)
+            )

@@ -61,7 +61,13 @@ def _check(backend, a, b, reduction, dtype, g=None, what=""):
     gi = ops.mse_loss_backward(g, a, b, reduction, backend=backend)
     rgi = reference.mse_loss_backward(_d(g), _d(a), _d(b), reduction)
     assert gi.dtype == dtype and gi.shape == a.shape
-    _close(gi, rgi, reference.mse_loss_backward(g, a, b, reduction), dtype, f"mse_loss_backward {reduction} {what}")
+    _close(
+        gi,
+        rgi,
+        reference.mse_loss_backward(g, a, b, reduction),
+        dtype,
+        f"mse_loss_backward {reduction} {what}",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -83,7 +89,11 @@ def _layouts(device):
     yield "expanded rows", torch.randn(1, 70, device=device).expand(300, 70), a
     yield "expanded scalar", a, torch.randn((), device=device).expand(300, 70)
     yield "both strided", big[::2, 1:71], big[1::2, ::2]
-    yield "3-D permuted", torch.randn(5, 7, 9, device=device).permute(2, 0, 1), torch.randn(9, 5, 7, device=device)
+    yield (
+        "3-D permuted",
+        torch.randn(5, 7, 9, device=device).permute(2, 0, 1),
+        torch.randn(9, 5, 7, device=device),
+    )
 
 
 def test_mse_layouts(kernel_backend_device):
@@ -102,10 +112,12 @@ def test_mse_backward_grad_output(kernel_backend_device, reduction):
     a, b = torch.randn(50, 33, device=device), torch.randn(50, 33, device=device)
     cases = [("0-d", torch.randn((), device=device))]
     if reduction == "none":
-        cases += [("expanded scalar", torch.randn((), device=device).expand(50, 33)),
-                  ("expanded row", torch.randn(1, 33, device=device).expand(50, 33)),
-                  ("transposed", torch.randn(33, 50, device=device).t()),
-                  ("contiguous", torch.randn(50, 33, device=device))]
+        cases += [
+            ("expanded scalar", torch.randn((), device=device).expand(50, 33)),
+            ("expanded row", torch.randn(1, 33, device=device).expand(50, 33)),
+            ("transposed", torch.randn(33, 50, device=device).t()),
+            ("contiguous", torch.randn(50, 33, device=device)),
+        ]
     for name, g in cases:
         _check(backend, a, b, reduction, torch.float32, g=g, what=f"grad_output {name}")
 
@@ -120,8 +132,12 @@ def test_mse_empty(kernel_backend_device, dtype):
         assert torch.isnan(torch.nn.functional.mse_loss(a, b, reduction="mean"))
         assert ops.mse_loss(a, b, "sum", backend=backend).item() == 0.0
         assert ops.mse_loss(a, b, "none", backend=backend).shape == shape
-        assert ops.mse_loss_backward(torch.ones((), dtype=dtype, device=device), a, b, "mean",
-                                     backend=backend).shape == shape
+        assert (
+            ops.mse_loss_backward(
+                torch.ones((), dtype=dtype, device=device), a, b, "mean", backend=backend
+            ).shape
+            == shape
+        )
 
 
 def test_mse_large_accuracy():
@@ -140,8 +156,10 @@ def test_mse_deterministic():
     try:
         for nt in (prev, 1, prev):
             torch.set_num_threads(nt)
-            outs.append([ops.mse_loss(a, b, r, backend="cpp") for r in REDUCTIONS]
-                        + [ops.mse_loss_backward(torch.tensor(0.7), a, b, "mean", backend="cpp")])
+            outs.append(
+                [ops.mse_loss(a, b, r, backend="cpp") for r in REDUCTIONS]
+                + [ops.mse_loss_backward(torch.tensor(0.7), a, b, "mean", backend="cpp")]
+            )
     finally:
         torch.set_num_threads(prev)
     for other in outs[1:]:
@@ -174,8 +192,10 @@ def test_mse_autograd_native(reduction):
         ref.backward(go)
         assert_rel_close(a.grad, ar.grad, torch.float64, what="grad input")
         assert_rel_close(b.grad, br.grad, torch.float64, what="grad target")
-        assert torch.autograd.gradcheck(lambda x, y: torch.ops.fastlin.mse_loss(x, y, reduction),
-                                        (a.detach().requires_grad_(), b.detach().requires_grad_()))
+        assert torch.autograd.gradcheck(
+            lambda x, y: torch.ops.fastlin.mse_loss(x, y, reduction),
+            (a.detach().requires_grad_(), b.detach().requires_grad_()),
+        )
     # only the target requires grad
     a = torch.randn(6, dtype=torch.float64)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -194,5 +214,7 @@ def test_mse_opcheck():
                 a, b = torch.randn(shape, requires_grad=rg), torch.randn(shape, requires_grad=rg)
                 torch.library.opcheck(torch.ops.fastlin.mse_loss.default, (a, b, reduction))
             g = torch.randn(shape) if reduction == "none" else torch.randn(())
-            torch.library.opcheck(torch.ops.fastlin.mse_loss_backward.default,
-                                  (g, torch.randn(shape), torch.randn(shape), reduction))
+            torch.library.opcheck(
+                torch.ops.fastlin.mse_loss_backward.default,
+                (g, torch.randn(shape), torch.randn(shape), reduction),
+            )

@@ -7,21 +7,27 @@ import itertools
 
 import pytest
 import torch
-from torch.optim.sgd import sgd as functional_sgd  # torch.optim.SGD's own math
 from conftest import REL_TOL, assert_rel_close, rel_error
+from torch.optim.sgd import sgd as functional_sgd  # torch.optim.SGD's own math
 
 from fastlin import ops, reference
 
 
 def _options():
     for momentum, dampening, weight_decay, nesterov, maximize in itertools.product(
-            [0.0, 0.9], [0.0, 0.3], [0.0, 0.05], [False, True], [False, True]):
+        [0.0, 0.9], [0.0, 0.3], [0.0, 0.05], [False, True], [False, True]
+    ):
         if nesterov and (momentum == 0 or dampening != 0):
             continue  # torch.optim.SGD rejects these
         if momentum == 0 and dampening != 0:
             continue  # dampening only acts through momentum
-        yield dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                   maximize=maximize)
+        yield dict(
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
 
 
 OPTIONS = list(_options())
@@ -44,7 +50,9 @@ def _run(backend, dtype, o, steps=5, shapes=SHAPES, lr=0.1):
     ours, theirs, low = [p.clone() for p in base], [p.clone() for p in base], [p.clone() for p in base]
     ref64 = [p.to(torch.float64) for p in base]
     mom = o["momentum"] != 0
-    bufs_ours = [torch.full_like(p, float("nan")) for p in ours] if mom else []  # written, not read, on step 1
+    bufs_ours = (
+        [torch.full_like(p, float("nan")) for p in ours] if mom else []
+    )  # written, not read, on step 1
     bufs_theirs = [None] * len(base)
     bufs_ref = [torch.zeros_like(p) for p in ref64] if mom else []
     bufs_low = [torch.zeros_like(p) for p in low] if mom else []
@@ -52,7 +60,9 @@ def _run(backend, dtype, o, steps=5, shapes=SHAPES, lr=0.1):
         grads = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
         ops.sgd_update_(ours, grads, bufs_ours, lr, first_step=step == 0, backend=backend, **o)
         bufs_theirs = _torch_sgd(theirs, grads, bufs_theirs, lr, o)
-        reference.sgd_update_(ref64, [g.to(torch.float64) for g in grads], bufs_ref, lr, first_step=step == 0, **o)
+        reference.sgd_update_(
+            ref64, [g.to(torch.float64) for g in grads], bufs_ref, lr, first_step=step == 0, **o
+        )
         reference.sgd_update_(low, grads, bufs_low, lr, first_step=step == 0, **o)
     return ours, theirs, ref64, low, bufs_ours, bufs_theirs, bufs_ref, bufs_low
 
@@ -72,8 +82,15 @@ def test_sgd_matches_torch(kernel_backend_device, opts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[-1], dict(momentum=0.9, dampening=0.3, weight_decay=0.05,
-                                                              nesterov=False, maximize=False)], ids=["plain", "all", "damp"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        OPTIONS[0],
+        OPTIONS[-1],
+        dict(momentum=0.9, dampening=0.3, weight_decay=0.05, nesterov=False, maximize=False),
+    ],
+    ids=["plain", "all", "damp"],
+)
 def test_sgd_dtypes(kernel_backend_device, dtype, opts):
     """float64 within 1e-12 of float64; bf16/fp16 (float32 math, one rounding per stored value)
     against float64 within the dtype's tolerance, or at most 2x the error of the same semantics
@@ -152,7 +169,12 @@ def test_sgd_multi_tensor_parallel():
 
 def test_sgd_mixed_dtypes_and_empty():
     """One call over float32, float64, bfloat16 and empty parameters."""
-    ps = [torch.randn(5), torch.randn(3, dtype=torch.float64), torch.randn(4, dtype=torch.bfloat16), torch.randn(0)]
+    ps = [
+        torch.randn(5),
+        torch.randn(3, dtype=torch.float64),
+        torch.randn(4, dtype=torch.bfloat16),
+        torch.randn(0),
+    ]
     gs = [torch.randn_like(p) for p in ps]
     ref = [p.to(torch.float64) for p in ps]
     ops.sgd_update_(ps, gs, [], 0.1, backend="cpp")
@@ -171,10 +193,13 @@ def test_sgd_validates_before_writing():
     with pytest.raises(ValueError, match="grads"):
         torch.ops.fastlin.sgd_update_([p1, p2], [g1, g2], [b1, b2], 0.1, 0.9, 0.0, 0.0, False, False, False)
     with pytest.raises(TypeError, match="momentum_buffers"):
-        torch.ops.fastlin.sgd_update_([p1, p2], [g1, torch.randn(3)], [b1, b2.double()], 0.1, 0.9, 0.0, 0.0, False,
-                                      False, False)
+        torch.ops.fastlin.sgd_update_(
+            [p1, p2], [g1, torch.randn(3)], [b1, b2.double()], 0.1, 0.9, 0.0, 0.0, False, False, False
+        )
     with pytest.raises(ValueError, match="momentum_buffers"):
-        torch.ops.fastlin.sgd_update_([p1, p2], [g1, torch.randn(3)], [b1], 0.1, 0.9, 0.0, 0.0, False, False, False)
+        torch.ops.fastlin.sgd_update_(
+            [p1, p2], [g1, torch.randn(3)], [b1], 0.1, 0.9, 0.0, 0.0, False, False, False
+        )
     for t, s in zip((p1, p2, b1, b2), saved):
         assert torch.equal(t, s)
 
@@ -184,5 +209,6 @@ def test_sgd_opcheck():
         ps = [torch.randn(3, 2), torch.randn(5)]
         gs = [torch.randn(3, 2), torch.randn(5)]
         bs = [torch.randn(3, 2), torch.randn(5)] if momentum else []
-        torch.library.opcheck(torch.ops.fastlin.sgd_update_.default,
-                              (ps, gs, bs, 0.1, momentum, 0.0, 0.01, False, False, first))
+        torch.library.opcheck(
+            torch.ops.fastlin.sgd_update_.default, (ps, gs, bs, 0.1, momentum, 0.0, 0.01, False, False, first)
+        )

@@ -5,6 +5,8 @@ set before triton is first imported, so it is set here, before anything imports 
 caller chose (the GPU check sets TRITON_INTERPRET=0)."""
 
 import os
+import subprocess
+import sys
 import zlib
 
 import torch
@@ -50,6 +52,27 @@ def backend_device(request):
 def kernel_backend_device(request):
     """(backend, device) for the kernel backends (reference excluded: it is the oracle)."""
     return request.param
+
+
+def run_under_isa(isa: str, args: list[str], timeout: float):
+    """Runs ``python *args`` (cwd tests/) in a subprocess whose CPU kernels are capped at ``isa``
+    (FASTLIN_CPU_ISA: the ISA is chosen once per process). Skips when the cpp backend is missing or
+    this process is itself such a subprocess. Returns (returncode, stdout, a failure report with the
+    tails of stdout and stderr)."""
+    if os.environ.get("FASTLIN_CPU_ISA") is not None:
+        pytest.skip("already inside an ISA subprocess")
+    ok, why = STATUS["cpp"]
+    if not ok:
+        pytest.skip(f"backend cpp unavailable: {why}")
+    r = subprocess.run(
+        [sys.executable, *args],
+        env=dict(os.environ, FASTLIN_CPU_ISA=isa),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    return r.returncode, r.stdout, f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
 
 
 @pytest.fixture(autouse=True)

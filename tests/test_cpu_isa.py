@@ -5,10 +5,9 @@ subprocess per lower ISA, with FASTLIN_CPU_ISA capping the choice (the in-proces
 best ISA)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_under_isa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = [os.path.join(HERE, f) for f in ("test_linear.py", "test_mse_loss.py", "test_sgd_update.py")]
@@ -27,17 +26,9 @@ SUBSET = " or ".join(
 )
 
 
-@pytest.mark.skipif(os.environ.get("FASTLIN_CPU_ISA") is not None, reason="already inside an ISA subprocess")
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_kernels_on_isa(isa):
-    env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FILES, "-k", SUBSET],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=HERE,
-    )
-    assert r.returncode == 0, f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
-    assert " passed" in r.stdout and " failed" not in r.stdout
+    args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FILES, "-k", SUBSET]
+    rc, out, report = run_under_isa(isa, args, timeout=900)
+    assert rc == 0, report
+    assert " passed" in out and " failed" not in out, report

@@ -5,13 +5,9 @@ oracle (fastlin.reference.gram) over odd shapes, dtypes, layouts and sample weig
 determinism across calls and thread counts, accuracy of a solve on data whose mean dwarfs its
 spread, bad input, opcheck, and the lower CPU instruction sets in a subprocess."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import STATUS, rel_error
+from conftest import STATUS, rel_error, run_under_isa
 
 import fastlin
 from fastlin import reference
@@ -256,13 +252,7 @@ print("ISA OK")
 """
 
 
-@pytest.mark.skipif(os.environ.get("FASTLIN_CPU_ISA") is not None, reason="already inside an ISA subprocess")
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_gram_on_isa(isa):
-    env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0 and "ISA OK" in r.stdout, (
-        f"FASTLIN_CPU_ISA={isa}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    )
+    rc, out, report = run_under_isa(isa, ["-c", _ISA_SCRIPT], timeout=600)
+    assert rc == 0 and "ISA OK" in out, report

@@ -9,12 +9,10 @@ only error is the kernel's float32 accumulation.
 
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, rel_error, run_under_isa
 
 import fastlin
 from fastlin import ops, reference
@@ -360,16 +358,6 @@ print("ok")
 @pytest.mark.parametrize("isa", ("generic", "avx2"))
 def test_other_isa(isa):
     """The kernels compiled for the other instruction sets (the ISA is fixed once per process)."""
-    ok, why = fastlin.backends.status()["cpp"]
-    if not ok:
-        pytest.skip(f"backend cpp unavailable: {why}")
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, FASTLIN_CPU_ISA=isa)
-    r = subprocess.run(
-        [sys.executable, "-c", ISA_SCRIPT.format(tests=tests)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    rc, out, report = run_under_isa(isa, ["-c", ISA_SCRIPT.format(tests=tests)], timeout=300)
+    assert rc == 0 and out.strip().endswith("ok"), report

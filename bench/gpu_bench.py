@@ -21,6 +21,7 @@ momentum) against stock torch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -53,7 +54,7 @@ def parse():
     args = p.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-        args.n, args.d, args.outs, args.repeats, args.inner = 4096, 32, "1,4", 3, 1
+        args.n, args.d, args.outs, args.repeats, args.inner = 4096, 32, "1,8", 3, 1
     return args
 
 
@@ -178,7 +179,20 @@ def step_contenders(N, D, O, dtype, backends):
             return ops.train_step(x, y, w, b, lr=lr, backend=be)
 
         out[be] = fused
+        if be == "triton" and O > 4:
+            # the tl.dot path: the default "ieee" fp32 and the tensor-core precisions, side by side
+            for prec in ("tf32x3", "tf32"):
+                out[f"triton:{prec}"] = functools.partial(_with_precision, prec, fused)
     return x, out
+
+
+def _with_precision(prec, fn):
+    prev = fastlin.triton.input_precision()
+    fastlin.triton.set_input_precision(prec)
+    try:
+        return fn()
+    finally:
+        fastlin.triton.set_input_precision(prev)
 
 
 def warm(contenders: dict, what: str) -> None:

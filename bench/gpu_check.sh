@@ -86,11 +86,11 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     log "build skipped (GPU_CHECK_SKIP_BUILD=1)"; SUMMARY+=("build: skipped on request")
 else
-    stage build-cuda 200 250 env FASTLIN_BUILD_CUDA=1 FASTLIN_CUDA_ARCH_LIST=9.0 \
+    stage build-cuda 150 170 env FASTLIN_BUILD_CUDA=1 FASTLIN_CUDA_ARCH_LIST=9.0 \
         $PY -m pip install --no-build-isolation --no-deps -e . -q
     if ! $PY -c "import fastlin, sys; sys.exit(0 if fastlin.backends.status()['cuda'][0] else 1)" 2>/dev/null; then
         log "cuda backend unavailable after the CUDA build; building CPU-only so the cpp backend and schemas exist"
-        stage build-cpu-fallback 120 250 env FASTLIN_BUILD_CUDA=0 \
+        stage build-cpu-fallback 70 170 env FASTLIN_BUILD_CUDA=0 \
             $PY -m pip install --no-build-isolation --no-deps -e . -q
     fi
 fi
@@ -103,7 +103,7 @@ $PY -c "import fastlin; fastlin.info()" 2>&1 || log "fastlin.info() failed"
 # each kernel specialisation once, and one process compiles one at a time.
 SHARDS=${GPU_CHECK_SHARDS:-4}
 export PY SHARDS OUT_DIR
-stage triton-tests 170 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
+stage triton-tests 90 110 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
     PYTHONPATH="$ROOT/bench:$PYTHONPATH" bash -c '
     pids=""
     tails() {
@@ -113,7 +113,7 @@ stage triton-tests 170 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FAST
     trap "kill \$pids 2>/dev/null; tails; exit 124" TERM INT
     for i in $(seq 0 $((SHARDS - 1))); do
         $PY -m pytest -q -p no:cacheprovider -p pytest_shard --shard $i/$SHARDS \
-            -W ignore::DeprecationWarning tests/test_triton.py -x -rfE > /tmp/fastlin_triton_shard_$i.log 2>&1 &
+            -W ignore::DeprecationWarning tests/test_triton.py --tb=short -rfE > /tmp/fastlin_triton_shard_$i.log 2>&1 &
         pids="$pids $!"
     done
     rc=0
@@ -125,7 +125,7 @@ stage triton-tests 170 190 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FAST
 # the bench (autotuning on): table written to $OUT and printed again at the very end
 TABLE=${OUT_DIR:-/tmp}/gpu_bench_table.txt
 rm -f "$TABLE"
-stage bench 230 20 env TRITON_INTERPRET=0 OUT="${OUT_DIR:-/tmp}" $PY bench/gpu_bench.py
+stage bench 110 20 env TRITON_INTERPRET=0 OUT="${OUT_DIR:-/tmp}" $PY bench/gpu_bench.py
 
 # ------------------------------------------------------------------------------------------------
 CUDA_TESTS=$(ls tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
@@ -159,8 +159,12 @@ fi
 
 GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e 'test_cuda' | tr '\n' ' ')
 if [ -n "$GENERIC" ]; then
+    # pytest-xdist when it is there (the GPU image has it): the time goes into compiling kernels
+    XDIST=""
+    $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-8}"
     stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 \
-        $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $GENERIC -k "cuda or triton" -rfEs
+        $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $XDIST $GENERIC -k "cuda or triton" \
+        --tb=line -rfE
 else
     log "no generic test files besides test_triton.py / test_cuda*.py"; SUMMARY+=("generic-gpu-tests: none present")
 fi

@@ -17,12 +17,27 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <type_traits>
+
 #include "checks.h"
 
 namespace fastlin {
 namespace {
 
 using torch::autograd::variable_list;
+
+// The owning pointer of a graph node: std::shared_ptr<Node> up to torch 2.12, c10::intrusive_ptr<Node>
+// from 2.13 on (the GPU machines run 2.11, CI runs 2.13). Edge::function names whichever it is.
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename T>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
 
 using LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
 using LinearBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -130,7 +145,7 @@ at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight, co
     y = linear_op().call(input, weight, bias);
   }
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) return y;
-  auto node = c10::make_intrusive<LinearBackward>();
+  auto node = make_node<LinearBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
   // grad_weight needs input, grad_input needs weight. A leaf (data, a parameter) is saved
   // whenever it exists anyway (no memory kept alive, no stand-in to build); a non-leaf only
@@ -145,7 +160,7 @@ at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight, co
     node->w_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
     node->w_saved_ = true;
   }
-  torch::autograd::set_history(y, node);
+  torch::autograd::set_history(y, NodePtr(node));
   return y;
 }
 
@@ -156,12 +171,12 @@ at::Tensor mse_loss_autograd(const at::Tensor& input, const at::Tensor& target, 
     loss = mse_op().call(input, target, reduction);  // checks `reduction`
   }
   if (!torch::autograd::compute_requires_grad(input, target)) return loss;
-  auto node = c10::make_intrusive<MseLossBackward>();
+  auto node = make_node<MseLossBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, target));
   node->reduction_ = reduction == "none" ? 0 : reduction == "mean" ? 1 : 2;
   node->input_ = torch::autograd::SavedVariable(input, /*is_output=*/false);
   node->target_ = torch::autograd::SavedVariable(target, /*is_output=*/false);
-  torch::autograd::set_history(loss, node);
+  torch::autograd::set_history(loss, NodePtr(node));
   return loss;
 }
 

@@ -20,6 +20,11 @@ Rows wider than MAX_BLOCK_D columns are walked in BLOCK_D chunks (ONE_CHUNK=Fals
 computes the residual, a second one re-reads the (cache-hot) tile and accumulates dW in the
 program's own workspace slice (read-modify-write by its owner only: deterministic).
 
+Size-1 reductions: on an H200 (Triton 3.6.0, torch 2.11) tl.sum over an axis of size 1 of a
+broadcast 3-D product (g[:, :, None] * w[None, :, :] with BLOCK_O = 1) came out ~8x too large; the
+interpreter was right. Every such product with a block size that can be 1 (BLOCK_O on the chunked
+path, BLOCK_D = 1 for D = 1, BLOCK_K = 1 in linear.py) is written as the plain broadcast instead.
+
 _reduce_kernel: one launch over the O*D weight elements and the O bias elements. Each program
 sums the P partials of its elements in a fixed order (chunks of BLOCK_P, tree-summed), so results
 are bit-identical run to run (no atomics). MODE 0 writes the gradients, MODE 1 applies
@@ -106,7 +111,19 @@ def _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N: tl.constexpr, GATHER: tl.con
 
 @triton.autotune(
     configs=_onepass_configs(),
-    key=["D", "O", "BLOCK_D", "BLOCK_O", "USE_DOT", "ONE_CHUNK", "GATHER", "GIVEN_G", "NEED_GX", "NEED_GT"],
+    key=[
+        "D",
+        "O",
+        "BLOCK_D",
+        "BLOCK_O",
+        "USE_DOT",
+        "ONE_CHUNK",
+        "GATHER",
+        "GIVEN_G",
+        "NEED_GX",
+        "NEED_GT",
+        "PRECISION",
+    ],
     prune_configs_by={"early_config_prune": _prune_onepass},
 )
 # n_rows changes with every batch (fit's last one is shorter) and only bounds loops and masks:
@@ -269,6 +286,8 @@ def _onepass_kernel(
                 else:
                     if USE_DOT:
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
+                    elif BLOCK_D == 1:  # D = 1: no size-1 reduction (module docstring)
+                        pred = x * tl.trans(w)
                     else:
                         pred = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
                     y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
@@ -402,6 +421,8 @@ def _onepass_kernel(
                             ).to(ACC)
                             if USE_DOT:
                                 gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
+                            elif BLOCK_O == 1:  # no size-1 reduction (module docstring)
+                                gx = g * w
                             else:
                                 gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
                             tl.store(

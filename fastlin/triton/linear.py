@@ -57,7 +57,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE"],
+    key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=["M"])
@@ -111,6 +111,8 @@ def _linear_kernel(
                 acc += tl.dot(a, b, out_dtype=ACC)
             else:
                 acc += tl.dot(a.to(ACC), b.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+        elif BLOCK_K == 1:  # outer product: no size-1 reduction (see _onepass.py)
+            acc += a.to(ACC) * b.to(ACC)
         else:
             acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
     if HAS_ALPHA:

@@ -97,6 +97,76 @@ fi
 $PY -c "import fastlin; fastlin.info()" 2>&1 || log "fastlin.info() failed"
 
 # ------------------------------------------------------------------------------------------------
+# C++ exceptions out of fastlin._C: on the 2026-11-26 H200 run every failed input check (a
+# TORCH_CHECK in the glue) segfaulted the process instead of raising, with the extension built by
+# the image's /opt/gcc toolchain; the Triton stages (no C++ throw) were fine. So: check that a bad
+# call raises, on the CPU and on the GPU, each in its own process; if it crashes, print the
+# toolchain facts (compilers, linker, the .eh_frame_hdr table encoding the unwinder must read,
+# what torch was built with) and rebuild once with another g++ found on the PATH or in /usr/bin.
+cat > /tmp/fastlin_exc.py <<'EOF2'
+import sys
+import torch
+import fastlin  # noqa: F401
+dev = sys.argv[1]
+x, w = torch.randn(4, 3, device=dev), torch.randn(2, 5, device=dev)
+try:
+    torch.ops.fastlin.linear(x, w, None)
+except ValueError as e:
+    print(f"  {dev}: bad input raised ValueError: {str(e)[:90]}")
+    sys.exit(0)
+print(f"  {dev}: bad input did not raise")
+sys.exit(1)
+EOF2
+exc_check() {
+    local d rc ok=0
+    for d in cpu cuda; do
+        timeout 60 $PY /tmp/fastlin_exc.py $d 2>&1 | tail -3
+        rc=${PIPESTATUS[0]}
+        [ "$rc" = 0 ] || { log "C++ exception on $d: FAILED rc=$rc (139 = segfault)"; ok=1; }
+    done
+    return $ok
+}
+toolchain_info() {
+    local so
+    so=$(ls fastlin/_C*.so 2>/dev/null | head -1)
+    echo "CC=${CC:-unset} CXX=${CXX:-unset}; on PATH: $(which -a gcc g++ c++ 2>/dev/null | tr '\n' ' ')"
+    for c in ${CXX:-} $(which -a g++ 2>/dev/null) /usr/bin/g++*; do [ -x "$c" ] && echo "$c: $($c --version | head -1)"; done
+    echo "ld: $(ld --version 2>/dev/null | head -1)"
+    $PY -c "import torch; print([l.strip() for l in torch.__config__.show().splitlines() if 'ompiler' in l or 'CXX_FLAGS' in l][:2])"
+    if [ -n "$so" ]; then
+        echo "$so .eh_frame_hdr (version, eh_frame_ptr_enc, fde_count_enc, table_enc):"
+        readelf -x .eh_frame_hdr "$so" | sed -n 3p
+        readelf -d "$so" | grep -E "NEEDED|RPATH|RUNPATH"
+        ldd "$so" | grep -E "stdc|gcc_s|c10.so"
+        readelf -S "$so" | grep -iE "sframe|eh_frame" | tr -s ' '
+    fi
+}
+if [ -n "$(ls fastlin/_C*.so 2>/dev/null)" ]; then
+    log "== exceptions: does a failed input check raise (cpu, cuda)?"
+    if exc_check; then
+        SUMMARY+=("exceptions: ok (cpu and cuda raise ValueError)")
+    else
+        toolchain_info 2>&1
+        ALT=""
+        for c in $(which -a g++ 2>/dev/null) /usr/bin/g++ /usr/bin/g++-1[0-9]; do
+            if [ -x "$c" ] && [ "$(readlink -f "$c")" != "$(readlink -f "${CXX:-$(command -v g++)}")" ]; then
+                ALT=$c; break
+            fi
+        done
+        if [ -n "$ALT" ]; then
+            ALTCC=${ALT/g++/gcc}
+            log "rebuilding with CXX=$ALT CC=$ALTCC"
+            stage build-cuda-alt 150 150 env CXX="$ALT" CC="$ALTCC" FASTLIN_BUILD_CUDA=1 FASTLIN_CUDA_ARCH_LIST=9.0 \
+                $PY -m pip install --no-build-isolation --no-deps -e . -q
+            if exc_check; then SUMMARY+=("exceptions: FAILED with the default compiler, ok after rebuilding with $ALT")
+            else SUMMARY+=("exceptions: FAILED (also after rebuilding with $ALT)"); fi
+        else
+            SUMMARY+=("exceptions: FAILED (no other g++ found to rebuild with)")
+        fi
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
 # Triton correctness on the GPU (no interpreter): every kernel against the float64 reference.
 # FASTLIN_TRITON_AUTOTUNE=0: one heuristic config per shape (autotuning every test shape costs minutes).
 # Four pytest processes on contiguous slices (bench/pytest_shard.py): the time goes into compiling
@@ -129,8 +199,14 @@ stage bench 110 20 env TRITON_INTERPRET=0 OUT="${OUT_DIR:-/tmp}" $PY bench/gpu_b
 
 # ------------------------------------------------------------------------------------------------
 CUDA_TESTS=$(ls tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
+# pytest-xdist when it is there (the GPU image has it): a crashing test then costs one worker, not
+# the stage, and kernel compilation runs in parallel
+XDIST_OK=0
+$PY -c "import xdist" 2>/dev/null && XDIST_OK=1
+xdist() { [ "$XDIST_OK" = 1 ] && echo "-n $1"; }
 if [ -n "$CUDA_TESTS" ]; then
-    stage cuda-tests 90 15 env TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider $CUDA_TESTS -rfEs
+    stage cuda-tests 90 15 env TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider $(xdist 4) $CUDA_TESTS \
+        --tb=line -rfE
 else
     log "no tests/test_cuda*.py"; SUMMARY+=("cuda-tests: none present")
 fi
@@ -159,12 +235,15 @@ fi
 
 GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e 'test_cuda' | tr '\n' ' ')
 if [ -n "$GENERIC" ]; then
-    # pytest-xdist when it is there (the GPU image has it): the time goes into compiling kernels
-    XDIST=""
-    $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-8}"
-    stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 \
-        $PY -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning $XDIST $GENERIC -k "cuda or triton" \
-        --tb=line -rfE
+    # one line per test (-v) into generic.log, so a run cut short by the budget still says what
+    # failed; the failures are copied into this log afterwards
+    GLOG=${OUT_DIR:-/tmp}/generic.log
+    stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 bash -c "\
+        $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist 8) $GENERIC \
+        -k 'cuda or triton' --tb=line -rfE > $GLOG 2>&1"
+    log "generic tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
+$(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes; first failures:"
+    grep -E ' FAILED|crashed' "$GLOG" | grep -v '^FAILED' | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | head -40
 else
     log "no generic test files besides test_triton.py / test_cuda*.py"; SUMMARY+=("generic-gpu-tests: none present")
 fi

@@ -14,6 +14,7 @@ namespace {
 
 constexpr int kSgdThreads = 256;
 constexpr int64_t kChunk = 16384;  // elements per chunk; a multiple of every vector width
+constexpr int kIlp = 4;            // vectors per thread in flight in the main loop
 
 struct SgdBatch {
   SgdTensorRef t[kSgdMaxTensors];
@@ -32,9 +33,35 @@ __device__ __forceinline__ void sgd_range(const SgdTensorRef& r, int64_t begin, 
   const P* g = static_cast<const P*>(r.g);
   P* buf = static_cast<P*>(r.buf);
   const bool read_buf = buf != nullptr && !sc.first_step;
-  // begin is a multiple of VEC; the loop covers the whole vectors of [begin, end).
+  // begin is a multiple of VEC; the loops cover the whole vectors of [begin, end). The main loop
+  // takes kIlp vectors per thread and issues all their loads before any store: the stores may alias
+  // the next loads for all the compiler knows, so one vector per iteration would leave one 16-byte
+  // load per tensor in flight per thread (measured: 57% of the copy bandwidth on an H200).
   const int64_t vend = begin + (end - begin) / VEC * VEC;
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < vend; i += static_cast<int64_t>(kSgdThreads) * VEC) {
+  constexpr int64_t kStride = static_cast<int64_t>(kSgdThreads) * VEC;
+  int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC;
+  for (; i + (kIlp - 1) * kStride < vend; i += kIlp * kStride) {
+    A pv[kIlp][VEC], gv[kIlp][VEC], bv[kIlp][VEC];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      ld_vec<P, VEC>(p + i + u * kStride, pv[u]);
+      ld_vec<P, VEC>(g + i + u * kStride, gv[u]);
+      if (read_buf) {
+        ld_vec<P, VEC>(buf + i + u * kStride, bv[u]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) bv[u][j] = A(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sgd_step(pv[u][j], gv[u][j], bv[u][j], sc);
+      st_vec<P, VEC>(p + i + u * kStride, pv[u]);
+      if (buf != nullptr) st_vec<P, VEC>(buf + i + u * kStride, bv[u]);
+    }
+  }
+  for (; i < vend; i += kStride) {  // the last < kIlp vectors of this thread
     A pv[VEC], gv[VEC], bv[VEC];
     ld_vec<P, VEC>(p + i, pv);
     ld_vec<P, VEC>(g + i, gv);

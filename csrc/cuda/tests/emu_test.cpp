@@ -905,9 +905,29 @@ void run_case_set(std::mt19937_64& rng, const std::vector<Shape>& shapes, bool q
 
 }  // namespace
 
+// Sizes reach every path of sgd_range: whole chunks, the kIlp-vector main loop and its remainder,
+// the element tail, empty tensors, and more tensors than one launch takes.
+void run_sgd_cases(std::mt19937_64& rng) {
+  const std::vector<int64_t> sizes = {1, 7, 0, 16385, 40000, 3, 8, 33};
+  std::vector<int64_t> many(70, 5);  // > kSgdMaxTensors: two launches
+  many[3] = 17;
+  for (bool first : {true, false}) {
+    sgd_case<float>(sizes, {0.1, 0.9, 0.1, 0.01, false, false}, first, rng, std::string("sgd f32 m first=") + (first ? "1" : "0"));
+    sgd_case<double>(sizes, {0.1, 0.9, 0.0, 0.0, true, true}, first, rng, "sgd f64 nesterov");
+    sgd_case<__nv_bfloat16>(sizes, {0.1, 0.0, 0.0, 0.0, false, false}, first, rng, "sgd bf16 plain");
+    sgd_case<__half>(sizes, {0.1, 0.5, 0.0, 0.1, false, false}, first, rng, "sgd f16 m wd");
+    sgd_case<float>(many, {0.1, 0.9, 0.0, 0.0, false, false}, first, rng, "sgd f32 70 tensors");
+  }
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   std::mt19937_64 rng(12345);
+  if (mode == "--sgd") {  // the multi-tensor SGD kernel alone
+    run_sgd_cases(rng);
+    std::printf("emu_test --sgd: %d checks, %d failures\n", g_checks, g_failures);
+    return g_failures == 0 ? 0 : 1;
+  }
   if (mode == "--smoke") {  // CI: a few seconds; every kernel family once
     const std::vector<Shape> smoke = {{7, 3, 3}, {2000, 256, 1}, {130, 64, 16}};
     run_case_set<float, float>(rng, smoke, true);
@@ -941,16 +961,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  const std::vector<int64_t> sizes = {1, 7, 0, 16385, 40000, 3, 8, 33};
-  std::vector<int64_t> many(70, 5);  // > kSgdMaxTensors: two launches
-  many[3] = 17;
-  for (bool first : {true, false}) {
-    sgd_case<float>(sizes, {0.1, 0.9, 0.1, 0.01, false, false}, first, rng, std::string("sgd f32 m first=") + (first ? "1" : "0"));
-    sgd_case<double>(sizes, {0.1, 0.9, 0.0, 0.0, true, true}, first, rng, "sgd f64 nesterov");
-    sgd_case<__nv_bfloat16>(sizes, {0.1, 0.0, 0.0, 0.0, false, false}, first, rng, "sgd bf16 plain");
-    sgd_case<__half>(sizes, {0.1, 0.5, 0.0, 0.1, false, false}, first, rng, "sgd f16 m wd");
-    sgd_case<float>(many, {0.1, 0.9, 0.0, 0.0, false, false}, first, rng, "sgd f32 70 tensors");
-  }
+  run_sgd_cases(rng);
   std::printf("emu_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

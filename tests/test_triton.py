@@ -46,13 +46,14 @@ DEVICES = [
 
 # (N, D, O): every path of the one-pass kernel. D = 257 rows are walked in chunks on the tl.dot
 # path (O = 17) and by the (rows, BLOCK_O, BLOCK_D) path (O = 3); O = 1 is the 2-D path; N = 4097
-# is many tiles with a tail; N = 1 a single partial tile.
-SHAPES = [(1, 1, 1), (7, 3, 3), (7, 257, 1), (33, 257, 17), (65, 1, 17), (4097, 3, 1), (5, 257, 3)]
+# is many tiles with a tail; N = 1 a single partial tile; D = 1 with O = 1 and O = 3 has BLOCK_D = 1
+# (no reduction over a size-1 axis: see fastlin/triton/_onepass.py).
+SHAPES = [(1, 1, 1), (7, 3, 3), (7, 257, 1), (33, 257, 17), (65, 1, 17), (4097, 3, 1), (5, 257, 3), (9, 1, 3)]
 # bench/gpu_check.sh: on a GPU the time goes into compiling each new specialisation (~0.3-2 s each);
-# three shapes still reach the O = 1, O <= 4 and tl.dot paths, one-tile and chunked rows, and tails.
+# five shapes still reach the O = 1, O <= 4 and tl.dot paths, one-tile and chunked rows, D = 1, tails.
 QUICK = os.environ.get("FASTLIN_GPU_QUICK") == "1"
 if QUICK:
-    SHAPES = [(7, 257, 1), (33, 257, 17), (4097, 3, 3)]
+    SHAPES = [(7, 257, 1), (33, 257, 17), (4097, 3, 3), (1, 1, 1), (9, 1, 3)]
 SHAPE_IDS = [f"N{n}-D{d}-O{o}" for n, d, o in SHAPES]
 
 SGD_OPTS = [

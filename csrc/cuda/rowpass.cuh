@@ -38,11 +38,19 @@ struct RowCfg {
   // Registers of the dW accumulators per lane; instantiations above 128 would spill.
   static constexpr int kAccRegs = OT * KMAX * VEC * kWA;
   static constexpr bool kFits = kAccRegs <= 128;
-  // Rows per row group and iteration: up to 4 for memory parallelism, fewer when the row's
-  // registers (x: KMAX*VEC values; dot/target/residual: OT values) would not fit.
+  // 2-byte x in 16-byte vectors stays packed in registers (4 per vector) and is widened where it
+  // is used, so a row costs half the registers of float32 and twice the rows fit in flight.
+  static constexpr bool kPacked = sizeof(T) == 2 && VEC > 1;
+  static constexpr int kXRegs = kPacked ? KMAX * 4 : KMAX * VEC * kWA;  // x registers per row
+  // Rows per row group and iteration, for memory parallelism: up to 4 (8 packed, the same bytes
+  // in flight as float32), fewer when the row's registers (x: kXRegs; dot/target/residual: OT
+  // values) would not fit. (bf16 with 4 rows: 33% of its read limit on an H200, float32 87%.)
   static constexpr int min3(int a, int b, int c) { return a < b ? (a < c ? a : c) : (b < c ? b : c); }
-  static constexpr int RB0 = min3(4, 32 / (KMAX * VEC * kWA), 16 / (OT * kWA));
+  static constexpr int RB0 = min3(kPacked ? 8 : 4, 32 / kXRegs, 16 / (OT * kWA));
   static constexpr int RB = RB0 < 1 ? 1 : RB0;
+  // Packed kernels with one vector per row and O = 1 (bf16 rows of up to 256): two resident
+  // blocks per SM (<= 128 registers), else the doubled RB would only halve the occupancy.
+  static constexpr int kMinBlocks = kPacked && KMAX == 1 && OT == 1 ? 2 : 1;
   static constexpr size_t kSmem = static_cast<size_t>(OT * DW + BS) * sizeof(A) + 2 * sizeof(double);
   static_assert(!kFits || kSmem <= 48 * 1024, "row pass shared memory must fit the default 48 KB");
   static_assert((OT * DW + BS) * sizeof(A) % 16 == 0, "the float64 slots after W and b must be aligned");
@@ -58,7 +66,7 @@ __device__ __forceinline__ acc_t<T> load_param(const void* p, bool f32, int64_t 
 }
 
 template <typename T, int VEC, int OT, int KMAX>
-__global__ void __launch_bounds__(kRowThreads) rowpass_kernel(const RowPassArgs a) {
+__global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlocks) rowpass_kernel(const RowPassArgs a) {
   using C = RowCfg<T, VEC, OT, KMAX>;
   using A = typename C::A;
   constexpr int DW = C::DW;
@@ -143,13 +151,19 @@ __global__ void __launch_bounds__(kRowThreads) rowpass_kernel(const RowPassArgs 
     }
 
     // All loads of the iteration first: RB * kc vectors of x, then y or g, then the sample weights.
-    A xv[RB][KMAX][VEC];
+    // x is kept widened (xv) or packed (xr, kPacked), the other array has one unused element.
+    A xv[C::kPacked ? 1 : RB][C::kPacked ? 1 : KMAX][VEC];
+    uint4 xr[C::kPacked ? RB : 1][C::kPacked ? KMAX : 1];
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) {
         const int v = cl + L * k;
-        if (load_x && valid[rb] && k < kc && v < nvec) {
+        const bool live = load_x && valid[rb] && k < kc && v < nvec;
+        if constexpr (C::kPacked) {
+          xr[rb][k] = live ? __ldcs(reinterpret_cast<const uint4*>(x + row[rb] * a.ldx + static_cast<int64_t>(v) * VEC))
+                           : make_uint4(0, 0, 0, 0);  // zero bits: +0.0
+        } else if (live) {
           ldcs_vec<T, VEC>(x + row[rb] * a.ldx + static_cast<int64_t>(v) * VEC, xv[rb][k]);
         } else {
 #pragma unroll
@@ -157,6 +171,15 @@ __global__ void __launch_bounds__(kRowThreads) rowpass_kernel(const RowPassArgs 
         }
       }
     }
+    // x of row rb, vector k, widened to the accumulation dtype.
+    auto x_at = [&](int rb, int k, A (&out)[VEC]) {
+      if constexpr (C::kPacked) {
+        unpack16<T, VEC>(xr[rb][k], out);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] = xv[rb][k][j];
+      }
+    };
     A sv[RB][OT];  // y (kSrcDots) or g (kSrcGrad); 0 for invalid rows and o >= O
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
@@ -190,9 +213,12 @@ __global__ void __launch_bounds__(kRowThreads) rowpass_kernel(const RowPassArgs 
               A wv[VEC];
               lds_vec<A, VEC>(w_s + o * DW + d0, wv);
 #pragma unroll
-              for (int rb = 0; rb < RB; ++rb)
+              for (int rb = 0; rb < RB; ++rb) {
+                A xk[VEC];
+                x_at(rb, k, xk);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) dt[rb][o] = fma(xv[rb][k][j], wv[j], dt[rb][o]);
+                for (int j = 0; j < VEC; ++j) dt[rb][o] = fma(xk[j], wv[j], dt[rb][o]);
+              }
             }
           }
         }
@@ -239,9 +265,12 @@ __global__ void __launch_bounds__(kRowThreads) rowpass_kernel(const RowPassArgs 
           for (int o = 0; o < OT; ++o) {
             if (o < O) {
 #pragma unroll
-              for (int rb = 0; rb < RB; ++rb)
+              for (int rb = 0; rb < RB; ++rb) {
+                A xk[VEC];
+                x_at(rb, k, xk);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) acc[o][k][j] = fma(rw[rb][o], xv[rb][k][j], acc[o][k][j]);
+                for (int j = 0; j < VEC; ++j) acc[o][k][j] = fma(rw[rb][o], xk[j], acc[o][k][j]);
+              }
             }
           }
         }

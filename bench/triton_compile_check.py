@@ -7,8 +7,9 @@ The interpreter tests (tests/test_triton.py) run the kernels' logic on the CPU b
 them; this runs the real compiler (Triton -> PTX, then the bundled ptxas) on the exact
 specialisations a launch would produce: the ops are called on CPU tensors with the launch replaced
 by a recorder, and every recorded launch is compiled for each config the autotuner would try.
-Exit status 1 on a compile error, or on register spills in the train_step / linear_mse_loss kernels
-of the bench shapes (the hot path must not spill). Needs no GPU and no CUDA driver.
+Exit status 1 on a compile error, on register spills in the train_step / linear_mse_loss kernels
+of the bench shapes (the hot path must not spill), or on a one-pass config whose shared memory keeps
+PROGRAMS_PER_SM programs from sharing an SM. Needs no GPU and no CUDA driver.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def _ptxas(ptx: str, arch: str) -> tuple[int, int, str]:
     )
 
 
+SMEM_PER_SM = 227 * 1024  # H100/H200: shared memory an SM's resident blocks can share
+
+
 def compile_all(label: str, fn_call, target: GPUTarget, arch: str, hot: bool) -> list[str]:
     RECORDED.clear()
     fn_call()
@@ -147,6 +151,12 @@ def compile_all(label: str, fn_call, target: GPUTarget, arch: str, hot: bool) ->
                 problems.append(
                     f"{label}: {jit.__name__} {desc} warps={num_warps}: "
                     f"{spill} bytes of spills on the hot path"
+                )
+            if jit.__name__ == "_onepass_kernel" and ck.metadata.shared * K.PROGRAMS_PER_SM > SMEM_PER_SM:
+                # the persistent grid assumes PROGRAMS_PER_SM resident programs per SM
+                problems.append(
+                    f"{label}: {jit.__name__} {desc} warps={num_warps}: {ck.metadata.shared} B of shared "
+                    f"memory; {K.PROGRAMS_PER_SM} programs per SM need <= {SMEM_PER_SM} B each"
                 )
     return problems
 

@@ -60,11 +60,17 @@ def _onepass_configs():
     ]
 
 
+# the estimate of a config's shared memory (see _prune_onepass) stays under this; measured sizes of
+# the kept configs are checked by bench/triton_compile_check.py
+SMEM_PER_PROGRAM = 100 * 1024
+
+
 def _prune_onepass(configs, named_args, **kwargs):
     """Keep the tiles whose register footprint fits (about 32 fp32 registers per thread for the
-    biggest live tile): per warp count the two largest such tiles with the tile loop software-
+    biggest live tile, 64 on the tl.dot path) and whose shared memory lets PROGRAMS_PER_SM programs
+    share an SM: per warp count the two largest such tiles with the tile loop software-
     pipelined (NUM_STAGES=3: cp.async prefetch of the next tiles into shared memory, which keeps
-    more bytes in flight per SM than registers allow), plus the largest one without (8 warps).
+    more bytes in flight per SM than registers allow), plus the largest one without (8 warps, FMA path).
     The register budget is counted in fp32 values, so a 2-byte x gets the same tiles with half the
     bytes: NUM_STAGES=6 (2-byte x only) puts as many bytes in flight as 3 stages of fp32 (bf16 O = 1
     with 3 stages: 70% of its read limit on an H200, fp32 94%)."""
@@ -72,22 +78,32 @@ def _prune_onepass(configs, named_args, **kwargs):
     x_bytes = named_args["x_ptr"].element_size()
     fits = {}
     for c in configs:
-        bn, w = c.kwargs["BLOCK_N"], c.num_warps
-        if c.kwargs["NUM_STAGES"] > 3 and x_bytes > 2:
+        bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]
+        if s > 3 and x_bytes > 2:
             continue
         if dot and bn < 16:
             continue
         if not kwargs["ONE_CHUNK"] and bn > 32:  # the chunked path keeps more tiles alive (measured: spills)
             continue
+        # fp32 values live per thread: the broadcast (rows, BLOCK_O, BLOCK_D) product on the FMA path
+        # (32 per thread); the x tile, W and the dW accumulator on the tl.dot path (64 per thread:
+        # ptxas gives 64 registers in all at BLOCK_N=32, 8 warps, D=256, O=16). With the FMA path's
+        # 32 only the 16-row, 4-warp, unpipelined tile was left for O=16, D=256: 9% of the copy
+        # bandwidth on an H200 (11.2 ms with "ieee", 2.16 ms even with "tf32").
         live = bn * bd + 2 * bo * bd if dot else bn * bo * bd
-        if live <= 32 * 32 * w:
+        # shared memory per program, about: the prefetched x tiles, plus the fp32 operand tile of the
+        # dots; PROGRAMS_PER_SM programs must stay resident on an SM (Hopper: 227 KB)
+        smem = (s - 1) * bn * bd * x_bytes + (bn * bd * 4 if dot else 0)
+        if smem > SMEM_PER_PROGRAM:
+            continue
+        if live <= (64 if dot else 32) * 32 * w:
             fits.setdefault((w, c.kwargs["NUM_STAGES"]), []).append(c)
     out = []
     for (w, s), cs in sorted(fits.items(), key=lambda kv: (-kv[0][1], -kv[0][0])):  # pipelined, 8 warps first
         cs = sorted(cs, key=lambda c: -c.kwargs["BLOCK_N"])
         if s > 1:
             out += cs[1:2] + cs[:1]  # the second largest first: the heuristic pick without autotuning
-        elif w == 8:
+        elif w == 8 and not dot:  # (bf16 on the tl.dot path unpipelined: ptxas spills)
             out += cs[:1]
     if not out:  # nothing fits the budget: the smallest legal tile
         legal = [

@@ -363,6 +363,44 @@ def test_train_step_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("o,dtype", [(16, torch.float32), (17, torch.float64)], ids=["O16-f32", "O17-f64"])
+def test_train_step_and_fit_on_the_cublas_path(o, dtype):
+    """O > 4 on batches of >= 2^19 float32/float64 elements, and O > 16, take the ATen/cuBLAS path
+    of csrc/cuda/train_step_cuda.cpp, which walks a batch in chunks of 2^22 elements: a 70000 x 64
+    batch is two chunks. train_step against the float64 reference; fit (shuffled batches of 70000
+    rows, gathered by index, with sample weights) against train_step on the same rows."""
+    n, d = 140000, 64
+    opts = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=False, maximize=False)
+    x, y = _randn(n, d, dtype=dtype), _randn(n, o, dtype=dtype, shift=0.5)
+    sw = torch.rand(n, device=DEV, dtype=dtype) + 0.5
+    state = list(_state(o, d, dtype, True, True))
+    rloss, rstate = _ref_step(x, y, state, sw, opts, True, torch.float64)
+    sloss, sstate = _ref_step(x, y, state, sw, opts, True, None)
+    loss = ops.train_step(x, y, *state, sw, first_step=True, backend=B, **opts)
+    _check(loss, rloss, sloss, loss.dtype, what="loss")
+    for name, got, want, stock in zip(("weight", "bias", "wm", "bm"), state, rstate, sstate):
+        _check(got, want, stock, dtype, what=name)
+
+    s_fit = list(_state(o, d, dtype, True, True))
+    s_step = _clone(s_fit)
+    bs, seed = n // 2, 7
+    hist = ops.fit(
+        x, y, *s_fit, sw, epochs=1, batch_size=bs, shuffle=True, seed=seed, first_step=True, backend=B, **opts
+    )
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(seed)
+    perm = torch.randperm(n, generator=gen, device=DEV)
+    total = weight = 0.0
+    for start in range(0, n, bs):
+        rows = perm[start : start + bs]
+        loss = ops.train_step(x[rows], y[rows], *s_step, sw[rows], first_step=start == 0, backend=B, **opts)
+        total += float(loss) * float(sw[rows].double().sum())
+        weight += float(sw[rows].double().sum())
+    for a, b in zip(s_fit, s_step):
+        assert rel_error(a, b) <= REL_TOL[dtype], "fit and train_step on the same rows differ"
+    assert rel_error(hist, torch.tensor([total / weight])) <= REL_TOL[dtype]
+
+
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
 @pytest.mark.parametrize("batch_size", [0, 97], ids=["full", "bs97"])

@@ -27,6 +27,9 @@ namespace {
 namespace fc = ::fastlin::cuda;
 using namespace ::fastlin::cuda_glue;
 
+// Elements of x per row chunk of the ATen path (16 MB of float32).
+constexpr int64_t kAtenChunkElems = int64_t(1) << 22;
+
 // Everything about one train_step / fit problem that does not change from step to step.
 struct Problem {
   at::Tensor x;  // input with contiguous columns (rows_view)
@@ -112,26 +115,38 @@ void step_partials(const Problem& p, const fc::RowPassPlan& plan, const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // ATen: the same sums, in the accumulation dtype (loss and weight sums in float64), G = 1.
-  const at::Tensor x = rows.defined() ? p.x.index_select(0, rows) : p.x.narrow(0, row0, nrows);
-  const at::Tensor y = rows.defined() ? p.target.index_select(0, rows) : p.target.narrow(0, row0, nrows);
-  const at::Tensor xa = x.to(p.acc);
-  at::Tensor r = at::mm(xa, p.weight.to(p.acc).t());
-  if (p.bias.defined()) r.add_(p.bias.to(p.acc));
-  r.sub_(y.to(p.acc));
-  at::Tensor rw = r;
+  // ATen/cuBLAS: the same sums in the accumulation dtype (loss and weight sums in float64), G = 1,
+  // over row chunks of about kAtenChunkElems elements in a fixed order, so the temporaries (the
+  // gathered or widened rows, the residuals) stay bounded whatever the batch size.
   at::Tensor part0 = part.select(0, 0);
   at::Tensor ps0 = part_s.select(0, 0);
-  if (p.sw.defined()) {
-    const at::Tensor sw = rows.defined() ? p.sw.index_select(0, rows) : p.sw.narrow(0, row0, nrows);
-    rw = r * sw.unsqueeze(1);
-    ps0.narrow(0, 1, 1).copy_(sw.sum(at::kDouble).reshape({1}));
-  } else {
-    ps0.narrow(0, 1, 1).fill_(static_cast<double>(nrows));
+  part0.zero_();
+  ps0.zero_();
+  at::Tensor gw = part0.narrow(0, 0, p.O * p.D).view({p.O, p.D});
+  const at::Tensor wa = p.weight.to(p.acc);
+  const at::Tensor ba = p.bias.defined() ? p.bias.to(p.acc) : at::Tensor();
+  const int64_t chunk = std::max<int64_t>(1, kAtenChunkElems / std::max<int64_t>(1, p.D));
+  for (int64_t c0 = 0; c0 < nrows; c0 += chunk) {
+    const int64_t n = std::min(chunk, nrows - c0);
+    const at::Tensor idx = rows.defined() ? rows.narrow(0, c0, n) : at::Tensor();
+    const at::Tensor x = idx.defined() ? p.x.index_select(0, idx) : p.x.narrow(0, row0 + c0, n);
+    const at::Tensor y = idx.defined() ? p.target.index_select(0, idx) : p.target.narrow(0, row0 + c0, n);
+    const at::Tensor xa = x.to(p.acc);
+    at::Tensor r = at::mm(xa, wa.t());
+    if (ba.defined()) r.add_(ba);
+    r.sub_(y.to(p.acc));
+    at::Tensor rw = r;
+    if (p.sw.defined()) {
+      const at::Tensor sw = idx.defined() ? p.sw.index_select(0, idx) : p.sw.narrow(0, row0 + c0, n);
+      rw = r * sw.unsqueeze(1);
+      ps0.narrow(0, 1, 1).add_(sw.sum(at::kDouble).reshape({1}));
+    } else {
+      ps0.narrow(0, 1, 1).add_(static_cast<double>(n));
+    }
+    ps0.narrow(0, 0, 1).add_((rw * r).sum(at::kDouble).reshape({1}));
+    gw.addmm_(rw.t(), xa);
+    if (p.bias.defined()) part0.narrow(0, p.O * p.D, p.O).add_(rw.sum(0));
   }
-  ps0.narrow(0, 0, 1).copy_((rw * r).sum(at::kDouble).reshape({1}));
-  part0.narrow(0, 0, p.O * p.D).copy_(at::mm(rw.t(), xa).reshape({-1}));
-  if (p.bias.defined()) part0.narrow(0, p.O * p.D, p.O).copy_(rw.sum(0));
 }
 
 // Finalize arguments common to train_step (kFinUpdate) and fit (kFinStage).

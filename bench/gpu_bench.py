@@ -187,12 +187,11 @@ def step_contenders(N, D, O, dtype, backends):
 
 
 def _with_precision(prec, fn):
-    prev = fastlin.triton.input_precision()
     fastlin.triton.set_input_precision(prec)
     try:
         return fn()
     finally:
-        fastlin.triton.set_input_precision(prev)
+        fastlin.triton.set_input_precision(None)  # back to following torch's setting
 
 
 def warm(contenders: dict, what: str) -> None:

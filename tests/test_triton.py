@@ -761,12 +761,25 @@ def test_input_precision_setting(device):
     assert fastlin.triton.input_precision() == "ieee", "default: true fp32 for tl.dot"
     with pytest.raises(ValueError, match="input_precision"):
         fastlin.triton.set_input_precision("fp8")
+    # unset, it follows torch's float32 matmul precision; an explicit setting wins until reset
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert fastlin.triton.input_precision() == "tf32"
+        fastlin.triton.set_input_precision("tf32x3")
+        assert fastlin.triton.input_precision() == "tf32x3"
+        fastlin.triton.set_input_precision(None)
+        assert fastlin.triton.input_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        fastlin.triton.set_input_precision(None)
+    assert fastlin.triton.input_precision() == "ieee"
     x, w = rand(33, 64, device=device), rand(17, 64, device=device)
     try:
         fastlin.triton.set_input_precision("tf32")
         out = T.linear(x, w, None)
     finally:
-        fastlin.triton.set_input_precision("ieee")
+        fastlin.triton.set_input_precision(None)
     # TF32 keeps 10 mantissa bits: ~1e-3 relative on a dot of 64 terms (DESIGN.md puts it near 3e-4)
     check(out, R.linear(d64(x), d64(w), None), f32, "tf32 linear", factor=300)
 

@@ -2,16 +2,18 @@
 
 Settings (module level, read at each call, so they can be changed at run time):
 
-* ``input_precision`` of ``tl.dot`` on float32 operands: ``"ieee"`` (default: true fp32 FMAs, so the
+* ``input_precision`` of ``tl.dot`` on float32 operands: ``"ieee"`` (true fp32 FMAs, so the
   results hold the float32 tolerance of DESIGN.md, ~1e-7 relative), ``"tf32"`` (tensor cores,
   ~3e-4 relative, what torch does with ``allow_tf32``) or ``"tf32x3"`` (three TF32 products, close to
-  fp32). Set with :func:`set_input_precision` or the environment variable
+  fp32). By default it follows ``torch.get_float32_matmul_precision()`` like torch's own matmuls:
+  ``"highest"`` (torch's default) gives ``"ieee"``, ``"high"``/``"medium"`` give ``"tf32"``. Set it
+  with :func:`set_input_precision` (``None`` to follow torch again) or the environment variable
   ``FASTLIN_TRITON_INPUT_PRECISION``. Only the paths with ``O > 4`` outputs use ``tl.dot`` (and
   ``linear``/``grad_input`` with more than 4 columns on both sides); ``O <= 4`` runs on FMAs, exact fp32
   whatever the setting. The one-pass kernels upcast bf16/fp16 ``x`` to fp32 before the dot (the
   weights are fp32 master copies); ``linear`` with bf16/fp16 operands of one dtype uses their native
-  tensor-core dot (exact products, fp32 accumulation). With ``"ieee"`` and ``O = 16`` the two dots
-  cost about as much as reading ``x`` on an H100; ``"tf32x3"`` moves them to tensor cores.
+  tensor-core dot (exact products, fp32 accumulation). Measured on an H200 (4M x 256, O = 16, one
+  train_step; bench/RESULTS.md): "ieee" 11.2 ms, "tf32x3" 4.6 ms, "tf32" 2.2 ms, stock eager 4.3 ms.
 * ``PROGRAMS_PER_SM``: programs of the persistent one-pass kernels per streaming multiprocessor.
 * ``MAX_BLOCK_D`` / ``MAX_BLOCK_D_DOT`` / ``MAX_BLOCK_O``: the widest rows kept whole in registers
   and the outputs per program; wider rows are walked in chunks (a second, cache-hot read of each
@@ -61,12 +63,16 @@ if INTERPRET:
     _interpreter_numpy_shim()
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
-_input_precision = os.environ.get("FASTLIN_TRITON_INPUT_PRECISION", "ieee").strip().lower() or "ieee"
-if _input_precision not in PRECISIONS:
+# None: follow torch.get_float32_matmul_precision() (what torch's own float32 matmuls do on CUDA)
+_input_precision = os.environ.get("FASTLIN_TRITON_INPUT_PRECISION", "").strip().lower() or None
+if _input_precision is not None and _input_precision not in PRECISIONS:
     raise ValueError(
         f"fastlin: FASTLIN_TRITON_INPUT_PRECISION must be one of {', '.join(PRECISIONS)}; "
         f"got {_input_precision!r}"
     )
+# torch's float32 matmul precision -> tl.dot's: "highest" is true fp32; "high" and "medium" let
+# torch's CUDA matmuls use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 follows it)
+_FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 
 PROGRAMS_PER_SM = 2  # with the pipelined tile loop 2 resident programs per SM keep HBM busy
 MAX_BLOCK_D = 512  # O <= 4 path: widest row (x BLOCK_O) kept whole in registers
@@ -81,19 +87,27 @@ AUTOTUNE = os.environ.get("FASTLIN_TRITON_AUTOTUNE", "1") != "0"
 OPAQUE = os.environ.get("FASTLIN_TRITON_OPAQUE", "0") == "1"
 
 
-def set_input_precision(precision: str) -> None:
-    """input_precision of tl.dot on float32 operands: "ieee" (default), "tf32" or "tf32x3"."""
+def set_input_precision(precision: str | None) -> None:
+    """input_precision of tl.dot on float32 operands: "ieee", "tf32" or "tf32x3"; None (the default)
+    follows torch.get_float32_matmul_precision(): "highest" (torch's default) -> "ieee", "high" or
+    "medium" -> "tf32"."""
     global _input_precision
+    if precision is None:
+        _input_precision = None
+        return
     p = str(precision).lower()
     if p not in PRECISIONS:
         raise ValueError(
-            f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)}; got {precision!r}"
+            f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)} or None; got {precision!r}"
         )
     _input_precision = p
 
 
 def input_precision() -> str:
-    return _input_precision
+    """The input_precision the next launch uses (see set_input_precision)."""
+    if _input_precision is not None:
+        return _input_precision
+    return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 # ---------------------------------------------------------------------------------------------

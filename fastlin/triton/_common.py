@@ -98,7 +98,8 @@ def set_input_precision(precision: str | None) -> None:
     p = str(precision).lower()
     if p not in PRECISIONS:
         raise ValueError(
-            f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)} or None; got {precision!r}"
+            f"fastlin.triton: input_precision must be one of {', '.join(PRECISIONS)} or None; "
+            f"got {precision!r}"
         )
     _input_precision = p
 

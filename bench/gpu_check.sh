@@ -109,6 +109,10 @@ import torch
 import fastlin  # noqa: F401
 dev = sys.argv[1]
 x, w = torch.randn(4, 3, device=dev), torch.randn(2, 5, device=dev)
+try:  # a C++ exception from torch itself first: does any C++ throw crash, or only ours?
+    torch.mm(x, w)
+except RuntimeError:
+    print(f"  {dev}: torch's own C++ error raised")
 try:
     torch.ops.fastlin.linear(x, w, None)
 except ValueError as e:
@@ -120,11 +124,18 @@ EOF2
 exc_check() {
     local d rc ok=0
     for d in cpu cuda; do
-        timeout 60 $PY /tmp/fastlin_exc.py $d 2>&1 | tail -3
+        timeout 60 $PY /tmp/fastlin_exc.py $d 2>&1 | tail -4
         rc=${PIPESTATUS[0]}
-        [ "$rc" = 0 ] || { log "C++ exception on $d: FAILED rc=$rc (139 = segfault)"; ok=1; }
+        [ "$rc" = 0 ] || { log "C++ exception on $d: FAILED rc=$rc (139 = segfault)"; ok=1; FAILED_DEV=$d; }
     done
     return $ok
+}
+# the native stack of the crash (the image has cuda-gdb, which also debugs host-only code)
+crash_stack() {
+    command -v cuda-gdb >/dev/null || { echo "no cuda-gdb for a native stack"; return 0; }
+    echo "native stack of the crash on $1 (cuda-gdb):"
+    timeout 120 cuda-gdb -q -batch -ex run -ex bt --args $PY /tmp/fastlin_exc.py "$1" 2>&1 \
+        | grep -E "^#|signal|SIG" | head -25
 }
 toolchain_info() {
     local so
@@ -149,6 +160,7 @@ if [ -n "$(ls fastlin/_C*.so 2>/dev/null)" ]; then
         SUMMARY+=("exceptions: ok (cpu and cuda raise ValueError)")
     else
         toolchain_info 2>&1
+        crash_stack "$FAILED_DEV"
         ALT=""
         for c in $(which -a g++ 2>/dev/null) /usr/bin/g++ /usr/bin/g++-1[0-9]; do
             if [ -x "$c" ] && [ "$(readlink -f "$c")" != "$(readlink -f "${CXX:-$(command -v g++)}")" ]; then

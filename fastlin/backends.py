@@ -28,10 +28,16 @@ _default = os.environ.get("FASTLIN_BACKEND", "auto").strip().lower() or "auto"
 
 def _load_C() -> None:
     global _C_error
-    try:
-        from fastlin import _C  # noqa: F401  (importing it registers torch.ops.fastlin.*)
-    except ImportError as e:  # built without the extension, or an ABI mismatch
-        _C_error = f"fastlin._C could not be loaded ({e})"
+    import importlib.util
+
+    if importlib.util.find_spec("fastlin._C") is None:  # (importing it would say "circular import")
+        _C_error = "fastlin._C could not be loaded (it is not built: no compiled extension in the package)"
+    else:
+        try:
+            from fastlin import _C  # noqa: F401  (importing it registers torch.ops.fastlin.*)
+        except ImportError as e:  # an ABI or torch-version mismatch, a missing library
+            _C_error = f"fastlin._C could not be loaded ({e})"
+    if _C_error is not None:
         warnings.warn(
             f"{_C_error}; fastlin falls back to the reference backend. "
             "Rebuild with: python -m pip install --no-build-isolation -e .",

@@ -183,7 +183,7 @@ def step_contenders(N, D, O, dtype, backends):
             # the tl.dot path: the default "ieee" fp32 and the tensor-core precisions, side by side
             for prec in ("tf32x3", "tf32"):
                 out[f"triton:{prec}"] = functools.partial(_with_precision, prec, fused)
-    return x, out
+    return x, y, out
 
 
 def _with_precision(prec, fn):
@@ -192,6 +192,56 @@ def _with_precision(prec, fn):
         return fn()
     finally:
         fastlin.triton.set_input_precision(None)  # back to following torch's setting
+
+
+def update_errors(x, y, names) -> dict:
+    """Fast and right: the relative error (norm) of one SGD step's update of W and b, lr = 1, from
+    the same start, against a float64 reference (chunked over rows), for eager and every fastlin
+    contender. eager's bf16 row uses bf16 weights, as stock bf16 training does."""
+    N, D = x.shape
+    O = y.shape[1]
+    g = torch.Generator(device=DEV).manual_seed(2)
+    w0 = torch.randn((O, D), generator=g, device=DEV) / D**0.5
+    b0 = 0.1 * torch.randn((O,), generator=g, device=DEV)
+    gw = torch.zeros((O, D), dtype=torch.float64, device=DEV)
+    gb = torch.zeros((O,), dtype=torch.float64, device=DEV)
+    w64, b64 = w0.double(), b0.double()
+    for i in range(0, N, 1 << 19):
+        xc = x[i : i + (1 << 19)].double()
+        r = xc @ w64.T + b64 - y[i : i + (1 << 19)].double()
+        gw += r.T @ xc
+        gb += r.sum(0)
+    scale = 2.0 / (N * O)  # MSELoss(reduction="mean") over N * O elements
+    ref_w, ref_b = -scale * gw, -scale * gb
+
+    def err(w, b):
+        dw, db = w.double() - w64, b.double() - b64
+        return max(
+            float(torch.linalg.vector_norm(dw - ref_w) / torch.linalg.vector_norm(ref_w)),
+            float(torch.linalg.vector_norm(db - ref_b) / torch.linalg.vector_norm(ref_b)),
+        )
+
+    out = {}
+    model = torch.nn.Linear(D, O, device=DEV, dtype=x.dtype)
+    with torch.no_grad():
+        model.weight.copy_(w0)
+        model.bias.copy_(b0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    with torch.no_grad():
+        out["eager"] = err(model.weight - model.weight.grad, model.bias - model.bias.grad)
+    del model
+    for name in names:
+        be, _, prec = name.partition(":")
+        if be not in ("triton", "cuda", "cpp"):
+            continue
+        w, b = w0.clone(), b0.clone()
+        step = functools.partial(ops.train_step, x, y, w, b, lr=1.0, backend=be)
+        try:
+            _with_precision(prec, step) if prec else step()
+            out[name] = err(w, b)
+        except Exception as e:
+            log(f"update check {name}: {type(e).__name__}: {e}")
+    return out
 
 
 def warm(contenders: dict, what: str) -> None:
@@ -218,10 +268,19 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
             case = f"train_step N={N} D={D} O={O} {dname}"
             log(f"case {case}")
             try:
-                x, cont = step_contenders(N, D, O, dtype, backends)
+                x, y, cont = step_contenders(N, D, O, dtype, backends)
             except Exception as e:
                 log(f"{case}: setup failed: {type(e).__name__}: {e}")
                 continue
+            try:
+                errors = update_errors(x, y, list(cont))
+                log(
+                    f"{case}: update error vs float64: "
+                    + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+                )
+            except Exception as e:
+                errors = {}
+                log(f"{case}: update check failed: {type(e).__name__}: {e}")
             warm(cont, case)
             res = measure(cont, ARGS.repeats, ARGS.inner)
             x_bytes = x.numel() * x.element_size()
@@ -236,6 +295,7 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
                     "x_bytes": x_bytes,
                     "limit_ms": limit,
                     "results": res,
+                    "update_error": errors,
                 }
             )
             log(
@@ -244,7 +304,7 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
                 + f", limit {limit:.3f} ms"
             )
             save(rows)  # a run cut short still leaves every finished case behind
-            del x, cont
+            del x, y, cont
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -355,6 +415,13 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
             else:
                 line += f"{'-':>11}{'-':>13}{'-':>12}"
         lines.append(line)
+    errs = [r for r in rows if r.get("update_error")]
+    if errs:
+        lines.append("")
+        lines.append("one step's update (lr = 1) vs float64, relative error (eager bf16: bf16 weights)")
+        for r in errs:
+            e = r["update_error"]
+            lines.append(f"{r['case'][:44]:<44}" + "".join(f"  {k} {v:.1e}" for k, v in e.items()))
     return "\n".join(lines)
 
 

@@ -15,6 +15,14 @@
 #          --glue      also syntax-check the tensor glue (csrc/cuda/*.cpp) with g++ against the torch
 #                      headers of the python3 on PATH (a CPU torch will do: c10/cuda's generated
 #                      macro header is stubbed).
+#          --torch-include=DIR
+#                      the same against another torch's headers (DIR = a torch/include tree, e.g.
+#                      unpacked from the wheel the GPU machines run: torch 2.11 there, 2.13 here),
+#                      and every other C++ source too (csrc/ops.cpp, csrc/cpu/*.cpp). The torch 2.11
+#                      build broke on an API change (autograd nodes: shared_ptr vs intrusive_ptr)
+#                      that only a device run showed; this finds such breaks here:
+#                        pip download torch==2.11.0 --no-deps -d /tmp/t && unzip -q /tmp/t/torch-*.whl 'torch/include/*' -d /tmp/t
+#                        .ci/compile_cuda.sh --no-emu --torch-include=/tmp/t/torch/include
 # FASTLIN_CUDA_OUT=dir keeps the objects and the harness there (e.g. for compute-sanitizer).
 # Skips with a message (exit 0) when nvcc is not installed.
 set -euo pipefail
@@ -23,12 +31,14 @@ cd "$(dirname "$0")/.."
 emu=smoke
 harness_args=""
 glue=0
+torch_inc=""
 for arg in "$@"; do
   case "$arg" in
     --emu-full) emu=full ;;
     --no-emu) emu=none ;;
     --bench) harness_args=--bench ;;
     --glue) glue=1 ;;
+    --torch-include=*) glue=1; torch_inc=${arg#--torch-include=} ;;
     *) echo "compile_cuda.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -116,18 +126,30 @@ for r, d in zip(rows, dem):
 EOF
 
 if [ "$glue" = 1 ]; then
-  inc=$(python3 -c "from torch.utils import cpp_extension as c; print(' '.join(c.include_paths()))")
+  if [ -n "$torch_inc" ]; then
+    inc="$torch_inc $torch_inc/torch/csrc/api/include"
+  else
+    inc=$(python3 -c "from torch.utils import cpp_extension as c; print(' '.join(c.include_paths()))")
+  fi
   pyinc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-  mkdir -p "$out/stubs/c10/cuda/impl"
-  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stubs/c10/cuda/impl/cuda_cmake_macros.h"
-  isys=(-isystem "$out/stubs")
+  isys=()
+  if [ ! -f "${inc%% *}/c10/cuda/impl/cuda_cmake_macros.h" ]; then  # a CPU torch: stub it
+    mkdir -p "$out/stubs/c10/cuda/impl"
+    printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stubs/c10/cuda/impl/cuda_cmake_macros.h"
+    isys=(-isystem "$out/stubs")
+  fi
   for d in $inc "$pyinc" "$CUDA_ROOT/include"; do isys+=(-isystem "$d"); done
+  common=(-fsyntax-only -std=c++17 -Wno-unknown-pragmas -Wno-psabi "${isys[@]}" -Icsrc
+    -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
+    -DPy_LIMITED_API=0x03090000 -DFASTLIN_WITH_CUDA=1)
   for src in csrc/cuda/*.cpp; do
-    g++ -fsyntax-only -std=c++17 -Wall -Wextra -Werror -Wno-unknown-pragmas -Wno-psabi "${isys[@]}" -Icsrc \
-      -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
-      -DPy_LIMITED_API=0x03090000 -DFASTLIN_WITH_CUDA=1 "$src"
+    g++ "${common[@]}" -Wall -Wextra -Werror "$src"
     echo "glue ok: $src"
   done
+  if [ -n "$torch_inc" ]; then  # the CPU sources with the build's own flags (setup.py), in parallel
+    printf '%s\n' csrc/ops.cpp csrc/cpu/*.cpp | xargs -P "$JOBS" -I{} sh -c \
+      'g++ "$@" -fopenmp -Wall {} && echo "ok against $0: {}"' "$torch_inc" "${common[@]}"
+  fi
 fi
 
 # Host harness: links every launcher against cudart.

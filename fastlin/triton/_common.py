@@ -219,6 +219,31 @@ def cast_out(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return out
 
 
+# Products on FMAs (the paths without tl.dot), as a broadcast product summed over the shared axis.
+# A shared axis of size 1 is a plain broadcast instead: on an H200 (Triton 3.6.0) tl.sum over a
+# size-1 axis of such a 3-D product came out ~8x too large, the interpreter being right.
+
+
+@triton.jit
+def fma_mm(a, b, K: tl.constexpr):
+    """a (M, K) @ b (K, N) -> (M, N); K is the block size of the shared axis."""
+    if K == 1:
+        out = a * b
+    else:
+        out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return out
+
+
+@triton.jit
+def fma_mm_nt(a, b, K: tl.constexpr):
+    """a (M, K) @ b (N, K)^T -> (M, N), summed along the rows' contiguous axis."""
+    if K == 1:
+        out = a * tl.trans(b)
+    else:
+        out = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    return out
+
+
 @triton.jit
 def is_finite(v):
     """Elementwise: v is neither inf nor NaN (inf - inf and NaN - NaN are NaN)."""

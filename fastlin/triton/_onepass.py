@@ -20,10 +20,9 @@ Rows wider than MAX_BLOCK_D columns are walked in BLOCK_D chunks (ONE_CHUNK=Fals
 computes the residual, a second one re-reads the (cache-hot) tile and accumulates dW in the
 program's own workspace slice (read-modify-write by its owner only: deterministic).
 
-Size-1 reductions: on an H200 (Triton 3.6.0, torch 2.11) tl.sum over an axis of size 1 of a
-broadcast 3-D product (g[:, :, None] * w[None, :, :] with BLOCK_O = 1) came out ~8x too large; the
-interpreter was right. Every such product with a block size that can be 1 (BLOCK_O on the chunked
-path, BLOCK_D = 1 for D = 1, BLOCK_K = 1 in linear.py) is written as the plain broadcast instead.
+The FMA-path products go through _common.fma_mm / fma_mm_nt, which handle a shared axis of block
+size 1 (BLOCK_O = 1 on the chunked path, BLOCK_D = 1 for D = 1) without a size-1 reduction: Triton
+3.6 on an H200 got those ~8x wrong.
 
 _reduce_kernel: one launch over the O*D weight elements and the O bias elements. Each program
 sums the P partials of its elements in a fixed order (chunks of BLOCK_P, tree-summed), so results
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fastlin.triton import _common as K
-from fastlin.triton._common import cast_out, is_finite, scalar
+from fastlin.triton._common import cast_out, fma_mm, fma_mm_nt, is_finite, scalar
 
 # ---------------------------------------------------------------------------------------------
 # autotuning: BLOCK_N and num_warps; everything else is fixed by the shapes on the host.
@@ -308,10 +307,8 @@ def _onepass_kernel(
                 else:
                     if USE_DOT:
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
-                    elif BLOCK_D == 1:  # D = 1: no size-1 reduction (module docstring)
-                        pred = x * tl.trans(w)
                     else:
-                        pred = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                        pred = fma_mm_nt(x, w, BLOCK_D)
                     y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
                         ACC
                     )
@@ -336,7 +333,7 @@ def _onepass_kernel(
                         if USE_DOT:
                             gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
                         else:
-                            gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
+                            gx = fma_mm(g, w, BLOCK_O)
                         tl.store(
                             gx_ptr + rows[:, None] * s_gxn + offs_d[None, :] * s_gxd,
                             cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),
@@ -397,7 +394,7 @@ def _onepass_kernel(
                         if USE_DOT:
                             pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                         else:
-                            pred += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                            pred += fma_mm_nt(x, w, BLOCK_D)
                     y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
                         ACC
                     )
@@ -443,10 +440,8 @@ def _onepass_kernel(
                             ).to(ACC)
                             if USE_DOT:
                                 gx = tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
-                            elif BLOCK_O == 1:  # no size-1 reduction (module docstring)
-                                gx = g * w
                             else:
-                                gx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
+                                gx = fma_mm(g, w, BLOCK_O)
                             tl.store(
                                 gx_ptr + rows[:, None] * s_gxn + dd[None, :] * s_gxd,
                                 cast_out(gx * scale, gx_ptr.dtype.element_ty, INTERPRET),

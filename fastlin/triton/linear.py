@@ -26,7 +26,7 @@ from torch.library import triton_op
 from fastlin import _checks as C
 from fastlin.triton import _common as K
 from fastlin.triton import _onepass as OP
-from fastlin.triton._common import cast_out, scalar
+from fastlin.triton._common import cast_out, fma_mm, scalar
 
 
 def _configs():
@@ -111,10 +111,8 @@ def _linear_kernel(
                 acc += tl.dot(a, b, out_dtype=ACC)
             else:
                 acc += tl.dot(a.to(ACC), b.to(ACC), input_precision=PRECISION, out_dtype=ACC)
-        elif BLOCK_K == 1:  # outer product: no size-1 reduction (see _onepass.py)
-            acc += a.to(ACC) * b.to(ACC)
         else:
-            acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
+            acc += fma_mm(a.to(ACC), b.to(ACC), BLOCK_K)
     if HAS_ALPHA:
         acc = acc * scalar(alpha, ACC)
     if HAS_BIAS:

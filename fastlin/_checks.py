@@ -199,6 +199,18 @@ def check_train_args(
     check_sgd_options(op, lr, momentum, dampening, weight_decay, nesterov)
 
 
+def check_fit_loop_args(op: str, epochs, batch_size, seed) -> None:
+    """The loop options of FusedLinearRegressor.fit (single-process and distributed)."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"{op}: epochs must be an int >= 0, got {epochs!r}")
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise ValueError(f"{op}: batch_size must be None or an int >= 1, got {batch_size!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"{op}: seed must be None or an int, got {type(seed).__name__}")
+
+
 def check_gram_args(op, input, target, sample_weight) -> None:
     check_tensor(op, "input", input)
     check_tensor(op, "target", target)

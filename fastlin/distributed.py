@@ -31,6 +31,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from fastlin import _checks as C
+
 __all__ = ["is_active", "local", "all_reduce_sum_", "check_same", "gather_checked", "fit_sgd"]
 
 _state = threading.local()
@@ -178,14 +180,7 @@ def fit_sgd(reg, x, y, *, epochs, batch_size, shuffle, seed, sample_weight):
     prepared = None
     drawn_seed = None
     try:
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-            raise ValueError(f"{name}: epochs must be an int >= 0, got {epochs!r}")
-        if batch_size is not None and (
-            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-        ):
-            raise ValueError(f"{name}: batch_size must be None or an int >= 1, got {batch_size!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"{name}: seed must be None or an int, got {type(seed).__name__}")
+        C.check_fit_loop_args(name, epochs, batch_size, seed)
         xx = reg._x("fit", x, allow_low_precision=False)
         yy, one_d = reg._y("fit", y, xx)
         sw = reg._sample_weight("fit", sample_weight, xx)

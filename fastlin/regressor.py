@@ -448,14 +448,7 @@ class FusedLinearRegressor(torch.nn.Module):
                 sample_weight=sample_weight,
             )
         name = "fastlin.FusedLinearRegressor.fit"
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-            raise ValueError(f"{name}: epochs must be an int >= 0, got {epochs!r}")
-        if batch_size is not None and (
-            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-        ):
-            raise ValueError(f"{name}: batch_size must be None or an int >= 1, got {batch_size!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"{name}: seed must be None or an int, got {type(seed).__name__}")
+        C.check_fit_loop_args(name, epochs, batch_size, seed)
         if y is None:
             return self._fit_batches(x, epochs=epochs, sample_weight=sample_weight)
         if self.solver != "sgd":

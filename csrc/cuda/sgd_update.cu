@@ -26,63 +26,49 @@ static_assert(sizeof(SgdBatch) + sizeof(SgdOpts) <= 4000, "kernel parameters mus
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// U vectors of VEC elements at i, i + stride, ...: every load issued before any store (the stores
+// may alias the next loads for all the compiler knows, so vectors updated one at a time would
+// leave one 16-byte load per tensor in flight per thread: 57% of the copy bandwidth on an H200).
+template <typename P, int VEC, int U>
+__device__ __forceinline__ void sgd_vectors(P* p, const P* g, P* buf, bool read_buf, int64_t i, int64_t stride,
+                                            const SgdScalars<acc_t<P>>& sc) {
+  using A = acc_t<P>;
+  A pv[U][VEC], gv[U][VEC], bv[U][VEC];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    ld_vec<P, VEC>(p + i + u * stride, pv[u]);
+    ld_vec<P, VEC>(g + i + u * stride, gv[u]);
+    if (read_buf) {
+      ld_vec<P, VEC>(buf + i + u * stride, bv[u]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) bv[u][j] = A(0);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sgd_step(pv[u][j], gv[u][j], bv[u][j], sc);
+    st_vec<P, VEC>(p + i + u * stride, pv[u]);
+    if (buf != nullptr) st_vec<P, VEC>(buf + i + u * stride, bv[u]);
+  }
+}
+
 template <typename P, int VEC>
 __device__ __forceinline__ void sgd_range(const SgdTensorRef& r, int64_t begin, int64_t end, const SgdScalars<acc_t<P>>& sc) {
-  using A = acc_t<P>;
   P* p = static_cast<P*>(r.p);
   const P* g = static_cast<const P*>(r.g);
   P* buf = static_cast<P*>(r.buf);
   const bool read_buf = buf != nullptr && !sc.first_step;
-  // begin is a multiple of VEC; the loops cover the whole vectors of [begin, end). The main loop
-  // takes kIlp vectors per thread and issues all their loads before any store: the stores may alias
-  // the next loads for all the compiler knows, so one vector per iteration would leave one 16-byte
-  // load per tensor in flight per thread (measured: 57% of the copy bandwidth on an H200).
+  // begin is a multiple of VEC; the first two loops cover the whole vectors of [begin, end): kIlp
+  // vectors per thread at a time, then the thread's last < kIlp one by one; then the elements after
+  // the last whole vector (VEC > 1 only).
   const int64_t vend = begin + (end - begin) / VEC * VEC;
   constexpr int64_t kStride = static_cast<int64_t>(kSgdThreads) * VEC;
   int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC;
-  for (; i + (kIlp - 1) * kStride < vend; i += kIlp * kStride) {
-    A pv[kIlp][VEC], gv[kIlp][VEC], bv[kIlp][VEC];
-#pragma unroll
-    for (int u = 0; u < kIlp; ++u) {
-      ld_vec<P, VEC>(p + i + u * kStride, pv[u]);
-      ld_vec<P, VEC>(g + i + u * kStride, gv[u]);
-      if (read_buf) {
-        ld_vec<P, VEC>(buf + i + u * kStride, bv[u]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) bv[u][j] = A(0);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kIlp; ++u) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) sgd_step(pv[u][j], gv[u][j], bv[u][j], sc);
-      st_vec<P, VEC>(p + i + u * kStride, pv[u]);
-      if (buf != nullptr) st_vec<P, VEC>(buf + i + u * kStride, bv[u]);
-    }
-  }
-  for (; i < vend; i += kStride) {  // the last < kIlp vectors of this thread
-    A pv[VEC], gv[VEC], bv[VEC];
-    ld_vec<P, VEC>(p + i, pv);
-    ld_vec<P, VEC>(g + i, gv);
-    if (read_buf) {
-      ld_vec<P, VEC>(buf + i, bv);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) bv[j] = A(0);
-    }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) sgd_step(pv[j], gv[j], bv[j], sc);
-    st_vec<P, VEC>(p + i, pv);
-    if (buf != nullptr) st_vec<P, VEC>(buf + i, bv);
-  }
-  for (int64_t i = vend + threadIdx.x; i < end; i += kSgdThreads) {  // tail (VEC > 1 only)
-    A pv = ld_acc(p + i);
-    A bv = read_buf ? ld_acc(buf + i) : A(0);
-    sgd_step(pv, ld_acc(g + i), bv, sc);
-    p[i] = from_acc<P>(pv);
-    if (buf != nullptr) buf[i] = from_acc<P>(bv);
-  }
+  for (; i + (kIlp - 1) * kStride < vend; i += kIlp * kStride) sgd_vectors<P, VEC, kIlp>(p, g, buf, read_buf, i, kStride, sc);
+  for (; i < vend; i += kStride) sgd_vectors<P, VEC, 1>(p, g, buf, read_buf, i, kStride, sc);
+  for (i = vend + threadIdx.x; i < end; i += kSgdThreads) sgd_vectors<P, 1, 1>(p, g, buf, read_buf, i, 0, sc);  // tail
 }
 
 template <typename P>

@@ -40,6 +40,29 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _loaded_libstdcxx():
+    """Path of the libstdc++ this process runs with (torch, imported above, needs it), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+# The C++ runtime is linked as the shared library torch itself runs with, named by its full path.
+# A toolchain whose g++ links libstdc++ statically (the GPU machines' /opt/gcc, which their CXX
+# names; -lstdc++ finds only the archive there) gave _C a private copy of the runtime, and every
+# failed input check crashed in that copy's ostream while formatting its message (SIGSEGV on an
+# H200, torch 2.11; bench/RESULTS.md). A shared object named on the link line before the driver's
+# own -lstdc++ resolves every runtime symbol, so the archive adds nothing.
+CXX_RUNTIME = _loaded_libstdcxx()
+LINK = ["-fopenmp"] + ([CXX_RUNTIME] if CXX_RUNTIME else [])
+
+
 def _extension():
     sources = _rel(
         [os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
@@ -72,7 +95,7 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK,
             py_limited_api=True,
         )
     return cpp_extension.CppExtension(
@@ -81,7 +104,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK,
         py_limited_api=True,
     )
 

@@ -88,6 +88,18 @@ def _fresh_seed(request):
 # kernels far under 1e-5. float64: the same in double. bf16/fp16: outputs rounded to 8/11-bit
 # mantissas (relative rounding 2^-9 = 2e-3 for bf16, 2^-12 = 2.4e-4 for fp16) on top of input rounding.
 REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Rounding of a sum that cancels, relative to the sum of its terms' absolute values (the backward
+# error of the summation): 2 unit roundoffs of the accumulation dtype (fp32 for bf16/fp16 inputs).
+# The blocked and tree orders of these kernels and of BLAS land at 0.1-0.2 u (a 4097-term grad_weight
+# with condition 2700 on an H200: fastlin cuda 0.08 u, stock torch on the CPU 0.2 u), while a row
+# dropped or counted twice costs ~1/N of the magnitude, >> 2 u for N < 2^22. Tests multiply it by
+# the output's condition ||sum |terms||| / ||sum terms||.
+SUM_TOL = {
+    torch.float64: 2 * 2.0**-53,
+    torch.float32: 2 * 2.0**-24,
+    torch.bfloat16: 2 * 2.0**-24,
+    torch.float16: 2 * 2.0**-24,
+}
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -146,3 +158,17 @@ def pytest_collection_modifyitems(config, items):
         n = params.get("N")
         if heavy or (isinstance(n, int) and n > _INTERPRETER_MAX_N):
             item.add_marker(pytest.mark.skip(reason="Triton interpreter: covered by tests/test_triton.py"))
+
+
+# FASTLIN_FAIL_LOG=<file>: each failure's test id and message appended to <file> as it happens (for
+# bench/gpu_check.sh, whose time-boxed runs may be cut off before pytest prints its summary).
+_FAIL_LOG = os.environ.get("FASTLIN_FAIL_LOG")
+
+
+def pytest_runtest_logreport(report):
+    # (under pytest-xdist the controller gets every worker's reports: write there only)
+    if _FAIL_LOG and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        text = report.longreprtext.strip().splitlines()
+        msg = [ln for ln in text if ln.startswith("E ")][:6] or text[-3:]
+        with open(_FAIL_LOG, "a") as f:
+            f.write(f"{report.nodeid} ({report.when})\n" + "".join(f"    {ln[:300]}\n" for ln in msg))

@@ -418,7 +418,7 @@ def test_train_step_and_fit_on_the_cublas_path(o, dtype):
     # another pointer alignment; the math is the same.
     for a, b in zip(s_fit, s_step):
         assert rel_error(a, b) <= REL_TOL[dtype], "fit and train_step on the same rows differ"
-    assert rel_error(hist, torch.tensor(want)) <= REL_TOL[dtype]
+    assert rel_error(hist, torch.tensor(want, dtype=torch.float64)) <= REL_TOL[dtype]
 
 
 # ---------------------------------------------------------------------------------------------

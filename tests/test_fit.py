@@ -11,7 +11,8 @@ import fastlin
 from fastlin import ops, reference
 
 
-def make_problem(N, D, O, dtype=torch.float32, bias=True, momentum=0.0, sample_weight=False):
+def make_problem(N, D, O, dtype=torch.float32, bias=True, momentum=0.0, sample_weight=False, device="cpu"):
+    """Drawn on the CPU (the same numbers on every device), then moved to `device`."""
     pt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     x = torch.randn(N, D).to(dtype)
     w_true = torch.randn(O, D)
@@ -21,7 +22,7 @@ def make_problem(N, D, O, dtype=torch.float32, bias=True, momentum=0.0, sample_w
     wm = torch.zeros(O, D).to(pt) if momentum else None
     bm = torch.zeros(O).to(pt) if momentum and bias else None
     sw = torch.rand(N) + 0.1 if sample_weight else None
-    return x, y, w, b, wm, bm, sw
+    return tuple(None if t is None else t.to(device) for t in (x, y, w, b, wm, bm, sw))
 
 
 def clone(t):
@@ -82,8 +83,8 @@ OPTS = dict(
     ],
 )
 def test_against_reference(kernel_backend_device, N, D, O, batch_size, shuffle, dtype):
-    backend, _ = kernel_backend_device
-    x, y, w, b, wm, bm, sw = make_problem(N, D, O, dtype, True, 0.9, sample_weight=N > 100)
+    backend, device = kernel_backend_device
+    x, y, w, b, wm, bm, sw = make_problem(N, D, O, dtype, True, 0.9, sample_weight=N > 100, device=device)
     kw = dict(OPTS, momentum=0.9, epochs=5, batch_size=batch_size, shuffle=shuffle, seed=1234)
     # 5 epochs of up to 257 momentum steps compound float32 rounding; the error is that of the
     # float32 iterates against float64 ones, still ~1e-6 here.
@@ -109,8 +110,8 @@ def test_against_reference(kernel_backend_device, N, D, O, batch_size, shuffle, 
 def test_sgd_options(
     kernel_backend_device, momentum, dampening, weight_decay, nesterov, maximize, first_step
 ):
-    backend, _ = kernel_backend_device
-    x, y, w, b, wm, bm, _ = make_problem(60, 4, 2, momentum=momentum)
+    backend, device = kernel_backend_device
+    x, y, w, b, wm, bm, _ = make_problem(60, 4, 2, momentum=momentum, device=device)
     if wm is not None:
         wm.normal_()
         bm.normal_()
@@ -144,8 +145,8 @@ def test_sgd_options(
 )
 def test_identical_to_train_step(kernel_backend_device, N, D, O, batch_size, shuffle):
     """fit == train_step on x[rows] for the same rows in the same order, bit for bit."""
-    backend, _ = kernel_backend_device
-    x, y, w, b, wm, bm, sw = make_problem(N, D, O, momentum=0.9, sample_weight=True)
+    backend, device = kernel_backend_device
+    x, y, w, b, wm, bm, sw = make_problem(N, D, O, momentum=0.9, sample_weight=True, device=device)
     epochs, seed = 3, 99
     kw = dict(OPTS, momentum=0.9, nesterov=True)
     hist, fw, fb, fwm, fbm = run_fit(
@@ -165,11 +166,15 @@ def test_identical_to_train_step(kernel_backend_device, N, D, O, batch_size, shu
     )
     w, b, wm, bm = clone(w), clone(b), clone(wm), clone(bm)
     bs = N if batch_size <= 0 or batch_size >= N else batch_size
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # fit draws its orders on x's device
     first = kw.pop("first_step")
     expect = []
     for _ in range(epochs):
-        order = torch.randperm(N, generator=gen) if shuffle and bs < N else torch.arange(N)
+        order = (
+            torch.randperm(N, generator=gen, device=device)
+            if shuffle and bs < N
+            else torch.arange(N, device=device)
+        )
         total = wtotal = 0.0
         for s in range(0, N, bs):
             rows = order[s : s + bs]
@@ -187,11 +192,11 @@ def test_identical_to_train_step(kernel_backend_device, N, D, O, batch_size, shu
 
 def test_seed_problem(kernel_backend_device):
     """The seed's loop (y = 3x + 2 + noise, 100x1x1, lr 0.01, 1000 full-batch epochs)."""
-    backend, _ = kernel_backend_device
+    backend, device = kernel_backend_device
     x = torch.linspace(-1, 1, 100).unsqueeze(1)
-    y = 3 * x + 2 + 0.1 * torch.randn(100, 1)
+    y = 3 * x + 2 + 0.1 * torch.randn(100, 1)  # stock torch runs on the CPU, fastlin on `device`
     lin = torch.nn.Linear(1, 1)
-    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    w, b = lin.weight.detach().to(device, copy=True), lin.bias.detach().to(device, copy=True)
     opt = torch.optim.SGD(lin.parameters(), lr=0.01)
     losses = []
     for _ in range(1000):
@@ -201,8 +206,8 @@ def test_seed_problem(kernel_backend_device):
         opt.step()
         losses.append(loss.item())
     hist = ops.fit(
-        x,
-        y,
+        x.to(device),
+        y.to(device),
         w,
         b,
         None,
@@ -225,8 +230,8 @@ def test_seed_problem(kernel_backend_device):
 def test_non_finite_stops(kernel_backend_device):
     """A diverging run stops at the first step whose loss or update is non-finite: the parameters keep
     their last finite values and that epoch's history entry and all later ones are NaN."""
-    backend, _ = kernel_backend_device
-    x, y, w, b, _, _, _ = make_problem(64, 8, 2)
+    backend, device = kernel_backend_device
+    x, y, w, b, _, _, _ = make_problem(64, 8, 2, device=device)
     x = x * 1e5
     kw = dict(OPTS, lr=10.0, epochs=40, batch_size=0, shuffle=False, seed=0)
     out = run_fit(backend, x, y, w, b, None, None, None, **kw)
@@ -243,8 +248,8 @@ def test_non_finite_stops(kernel_backend_device):
 
 def test_non_finite_data(kernel_backend_device):
     """Inf in one row of x: the very first step is rejected, nothing changes, the history is all NaN."""
-    backend, _ = kernel_backend_device
-    x, y, w, b, wm, bm, _ = make_problem(50, 4, 1, momentum=0.9)
+    backend, device = kernel_backend_device
+    x, y, w, b, wm, bm, _ = make_problem(50, 4, 1, momentum=0.9, device=device)
     x[17, 2] = math.inf
     out = run_fit(
         backend,
@@ -289,8 +294,8 @@ def test_non_finite_data(kernel_backend_device):
 
 
 def test_zero_epochs(kernel_backend_device):
-    backend, _ = kernel_backend_device
-    x, y, w, b, _, _, _ = make_problem(10, 2, 1)
+    backend, device = kernel_backend_device
+    x, y, w, b, _, _, _ = make_problem(10, 2, 1, device=device)
     hist, fw, fb, _, _ = run_fit(
         backend, x, y, w, b, None, None, None, **dict(OPTS, epochs=0, batch_size=0, shuffle=True, seed=0)
     )
@@ -298,8 +303,8 @@ def test_zero_epochs(kernel_backend_device):
 
 
 def test_deterministic(kernel_backend_device):
-    backend, _ = kernel_backend_device
-    x, y, w, b, wm, bm, sw = make_problem(5000, 33, 5, momentum=0.9, sample_weight=True)
+    backend, device = kernel_backend_device
+    x, y, w, b, wm, bm, sw = make_problem(5000, 33, 5, momentum=0.9, sample_weight=True, device=device)
     kw = dict(OPTS, momentum=0.9, epochs=3, batch_size=1024, shuffle=True, seed=5)
     a = run_fit(backend, x, y, w, b, wm, bm, sw, **kw)
     c = run_fit(backend, x, y, w, b, wm, bm, sw, **kw)
@@ -307,14 +312,15 @@ def test_deterministic(kernel_backend_device):
 
 
 def test_bad_input_leaves_parameters(kernel_backend_device):
-    backend, _ = kernel_backend_device
-    x, y, w, b, wm, bm, _ = make_problem(10, 4, 2, momentum=0.9)
+    backend, device = kernel_backend_device
+    x, y, w, b, wm, bm, _ = make_problem(10, 4, 2, momentum=0.9, device=device)
     saved = [t.clone() for t in (w, b, wm, bm)]
-    for change in (dict(epochs=-1), dict(lr=-0.5), dict(y=torch.randn(10, 1)), dict(x=torch.randn(0, 4))):
+    bad_y, empty_x = torch.randn(10, 1, device=device), torch.randn(0, 4, device=device)
+    for change in (dict(epochs=-1), dict(lr=-0.5), dict(y=bad_y), dict(x=empty_x)):
         args = dict(x=x, y=y, epochs=2, lr=0.1)
         args.update(change)
         if args["x"].shape[0] == 0:
-            args["y"] = torch.randn(0, 2)
+            args["y"] = torch.randn(0, 2, device=device)
         with pytest.raises((ValueError, RuntimeError), match="fastlin.fit"):
             ops.fit(
                 args["x"],

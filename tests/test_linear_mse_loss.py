@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_rel_close, rel_error, run_under_isa
+from conftest import REL_TOL, SUM_TOL, assert_rel_close, rel_error, run_under_isa
 
 import fastlin
 from fastlin import ops, reference
@@ -29,26 +29,47 @@ def _poison(monkeypatch):
 
 
 def reference64(x, w, b, y, reduction, mask):
-    """fastlin.reference.linear_mse_loss -> (outputs in float64, outputs at the kernel's precision)."""
+    """-> (fastlin.reference.linear_mse_loss in float64, the same at the kernel's precision, each
+    output's terms summed in absolute value in float64)."""
     d = [None if t is None else t.detach().to(torch.float64) for t in (x, w, b, y)]
     return (
         reference.linear_mse_loss(d[0], d[1], d[2], d[3], reduction, mask),
         reference.linear_mse_loss(x, w, b, y, reduction, mask),
+        magnitudes64(*d, reduction),
     )
 
 
+def magnitudes64(x, w, b, y, reduction):
+    """The sums behind each output (loss, grad_input, grad_weight, grad_bias, grad_target) taken over
+    absolute values: |r| |w|, |r|^T |x|, sum |r| with r = x w^T + b - y. Rounding in any summation
+    order is a multiple of the unit roundoff times these, not times the result, which cancellation
+    can make far smaller (grad_weight sums r x over x of random signs)."""
+    r = x @ w.T - y + (0 if b is None else b)
+    scale = 1.0 / max(r.numel(), 1) if reduction == "mean" else 1.0
+    a = r.abs() * (2.0 * scale)
+    return (r.square().sum() * scale, a @ w.abs(), a.T @ x.abs(), a.sum(0), a)
+
+
+def _norm(t):
+    return torch.linalg.vector_norm(t.detach().to(torch.float64).cpu()).item()
+
+
 def check(out, refs, dtype, mask, what=""):
-    """Error vs float64 within REL_TOL, or within 2x the error of the reference computed at the
-    kernel's precision (DESIGN.md's rule; a gradient that is a sum of cancelling terms carries
-    rounding far above 1e-5 relative in any float32 implementation)."""
-    for i, (name, a, r, n) in enumerate(zip(NAMES, out, *refs)):
+    """Error vs float64 within the largest of: REL_TOL; 2x the error of the reference computed at the
+    kernel's precision (DESIGN.md's rule); SUM_TOL times the output's condition, ||sum of |terms|||
+    / ||sum of terms||: a gradient that is a sum of cancelling terms carries rounding far above
+    1e-5 relative in any float32 implementation, and which of two summation orders (the kernel's,
+    stock torch's) lands closer on one draw is chance."""
+    for i, (name, a, r, n, m) in enumerate(zip(NAMES, out, *refs)):
         if i > 0 and not mask[i - 1]:
             assert a.shape == (0,), f"{what} {name}: masked off, expected an empty tensor"
             continue
         assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}"
         assert not torch.isnan(a).any() or torch.isnan(r).any(), f"{what} {name}: NaN (an unwritten element?)"
-        err, tol = rel_error(a, r), max(REL_TOL[dtype], 2 * rel_error(n, r))
-        assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+        cond = _norm(m) / max(_norm(r), 1e-300)
+        err = rel_error(a, r)
+        tol = max(REL_TOL[dtype], 2 * rel_error(n, r), SUM_TOL[dtype] * cond)
+        assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.1e} ({dtype}, condition {cond:.0f})"
 
 
 def away_from(pred):
@@ -59,20 +80,21 @@ def away_from(pred):
     return pred + 1 + torch.rand(pred.shape, device=pred.device)
 
 
-def problem(N, D, O, dtype, bias):
+def problem(N, D, O, dtype, bias, device="cpu"):
+    """Drawn on the CPU (the same numbers on every device), then moved to `device`."""
     x = torch.randn(N, D).to(dtype)
     w = (torch.randn(O, D) / max(D, 1) ** 0.5).to(dtype)
     b = torch.randn(O).to(dtype) if bias else None
     y = away_from(x.double() @ w.double().T + (0 if b is None else b.double())).to(dtype)
-    return x, w, b, y
+    return tuple(None if t is None else t.to(device) for t in (x, w, b, y))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
 @pytest.mark.parametrize("N,D,O", SHAPES)
 def test_grid(kernel_backend_device, N, D, O, bias, dtype):
-    backend, _ = kernel_backend_device
-    x, w, b, y = problem(N, D, O, dtype, bias)
+    backend, device = kernel_backend_device
+    x, w, b, y = problem(N, D, O, dtype, bias, device=device)
     for reduction in ("mean", "sum"):
         mask = (True, True, bias, True)
         out = ops.linear_mse_loss(x, w, b, y, reduction, mask, backend=backend)
@@ -82,19 +104,19 @@ def test_grid(kernel_backend_device, N, D, O, bias, dtype):
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
 @pytest.mark.parametrize("N,D,O", ((7, 3, 1), (300, 40, 17), (4097, 257, 3), (4097, 1, 1)))
 def test_masks(kernel_backend_device, N, D, O, mask):
-    backend, _ = kernel_backend_device
-    x, w, b, y = problem(N, D, O, torch.float32, True)
+    backend, device = kernel_backend_device
+    x, w, b, y = problem(N, D, O, torch.float32, True, device=device)
     out = ops.linear_mse_loss(x, w, b, y, "mean", mask, backend=backend)
     check(out, reference64(x, w, b, y, "mean", mask), torch.float32, mask, str(mask))
 
 
 @pytest.mark.parametrize("N,D,O", ((7, 3, 3), (4097, 257, 1), (300, 64, 17)))
 def test_non_contiguous(kernel_backend_device, N, D, O):
-    backend, _ = kernel_backend_device
-    x, w, b, y = problem(N, D, O, torch.float32, True)
-    wide = torch.full((N, D + 3), float("nan"))
+    backend, device = kernel_backend_device
+    x, w, b, y = problem(N, D, O, torch.float32, True, device=device)
+    wide = torch.full((N, D + 3), float("nan"), device=device)
     wide[:, 1 : 1 + D] = x
-    every_other = torch.full((2 * N, D), float("nan"))
+    every_other = torch.full((2 * N, D), float("nan"), device=device)
     every_other[::2] = x
     layouts = [
         ("row-strided", wide[:, 1 : 1 + D], y, w),
@@ -111,6 +133,12 @@ def test_non_contiguous(kernel_backend_device, N, D, O):
     for name, xv, yv, wv in layouts:
         out = ops.linear_mse_loss(xv, wv, b, yv, "mean", mask, backend=backend)
         check(out, reference64(xv, wv, b, yv, "mean", mask), torch.float32, mask, name)
+        if backend != "cpp":
+            # The GPU backends read strided inputs in place; the tile layout the compiler (Triton) or
+            # the library (cuBLAS, O > 16) picks follows the strides, and so does the summation
+            # order: they are held to the tolerance above, not to bit equality across layouts.
+            continue
+        # The C++ backend packs every layout the same way: bit for bit what contiguous inputs give.
         same = ops.linear_mse_loss(
             xv.contiguous(), wv.contiguous(), b, yv.contiguous(), "mean", mask, backend=backend
         )
@@ -120,23 +148,23 @@ def test_non_contiguous(kernel_backend_device, N, D, O):
 @pytest.mark.parametrize("path", ("dot", "outer"))
 @pytest.mark.parametrize("N,D,O", ((7, 3, 1), (1000, 20, 3), (61, 257, 7), (33, 17, 17)))
 def test_forced_kernel_path(kernel_backend_device, monkeypatch, path, N, D, O):
-    backend, _ = kernel_backend_device
+    backend, device = kernel_backend_device
     if backend != "cpp":
         pytest.skip("FASTLIN_FUSED_PATH selects among the C++ CPU kernels")
     monkeypatch.setenv("FASTLIN_FUSED_PATH", path)
     monkeypatch.setenv("FASTLIN_FUSED_TILE_ROWS", "5")
     mask = (True, True, True, True)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        x, w, b, y = problem(N, D, O, dtype, True)
+        x, w, b, y = problem(N, D, O, dtype, True, device=device)
         out = ops.linear_mse_loss(x, w, b, y, "sum", mask, backend=backend)
         check(out, reference64(x, w, b, y, "sum", mask), dtype, mask, f"{path} {dtype}")
 
 
 def test_empty(kernel_backend_device):
-    backend, _ = kernel_backend_device
+    backend, device = kernel_backend_device
     mask = (True, True, True, True)
     for N, D, O in ((0, 3, 2), (4, 0, 2)):
-        x, w, b, y = problem(N, D, O, torch.float32, True)
+        x, w, b, y = problem(N, D, O, torch.float32, True, device=device)
         for reduction in ("mean", "sum"):
             out = ops.linear_mse_loss(x, w, b, y, reduction, mask, backend=backend)
             ref = reference64(x, w, b, y, reduction, mask)[0]
@@ -146,8 +174,8 @@ def test_empty(kernel_backend_device):
 
 
 def test_deterministic(kernel_backend_device):
-    backend, _ = kernel_backend_device
-    x, w, b, y = problem(20000, 65, 17, torch.float32, True)
+    backend, device = kernel_backend_device
+    x, w, b, y = problem(20000, 65, 17, torch.float32, True, device=device)
     mask = (True, True, True, True)
     a = ops.linear_mse_loss(x, w, b, y, "mean", mask, backend=backend)
     c = ops.linear_mse_loss(x, w, b, y, "mean", mask, backend=backend)
@@ -156,11 +184,11 @@ def test_deterministic(kernel_backend_device):
 
 def test_autograd_function_uses_it(kernel_backend_device):
     """The gradients through fastlin.functional.linear_mse_loss equal those of the plain-torch graph."""
-    backend, _ = kernel_backend_device
-    x = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(50, 3, dtype=torch.float64, requires_grad=True)
+    backend, device = kernel_backend_device
+    x = torch.randn(50, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randn(50, 3, dtype=torch.float64, device=device, requires_grad=True)
     loss = fastlin.functional.linear_mse_loss(x, w, b, y, reduction="sum", backend=backend)
     (loss * 1.7).backward()
     got = [t.grad.clone() for t in (x, w, b, y)]

@@ -197,7 +197,12 @@ def test_non_contiguous(kernel_backend_device, N, D, O):
         out = run_step(backend, x, y, w, b, None, None, None, **STEP)
         ref = reference_step(x, y, w, b, None, None, None, **STEP)
         check_step(out, ref, w, b, torch.float32, name)
-        # Same values, contiguous: bit-identical (strides change no arithmetic).
+        if backend != "cpp":
+            # GPU backends read strided inputs in place, with a tile layout (Triton) or GEMM
+            # algorithm (cuBLAS) that follows the strides, and so a summation order that does: held
+            # to the tolerance above, not to bit equality across layouts.
+            continue
+        # The C++ backend packs every layout the same way: bit-identical to contiguous inputs.
         out_c = run_step(backend, x.contiguous(), y.contiguous(), w, b, None, None, None, **STEP)
         assert identical(out, out_c), name
 

@@ -50,24 +50,24 @@ at::Tensor mse_loss_backward_cuda(const at::Tensor& grad_output, const at::Tenso
   const char* op = "mse_loss_backward";
   check_mse_args(op, input, target, reduction);
   check_same_device(op, "grad_output", grad_output, "input", input);
-  const bool none = reduction == "none";
-  if (none) {
-    check_shape(op, "grad_output", grad_output, input.sizes(), "(the shape of input, for reduction='none')");
-  } else {
-    TORCH_CHECK_VALUE(grad_output.numel() == 1, "fastlin.", op,
-                      ": grad_output must have one element for reduction='mean'/'sum', got shape ",
-                      shape_str(grad_output));
+  // grad_output: one value (0-d, or any shape holding one element), else input's shape after
+  // broadcasting; the CPU backend's rule (and torch's), and the result always has input's shape.
+  const bool scalar = grad_output.numel() == 1;
+  if (!scalar && grad_output.sizes() != input.sizes()) {
+    TORCH_CHECK_VALUE(at::infer_size(grad_output.sizes(), input.sizes()) == input.sizes(), "fastlin.", op,
+                      ": grad_output must be a scalar or broadcastable to input's shape ", shape_str(input),
+                      ", got shape ", shape_str(grad_output));
   }
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const at::Tensor y = target.contiguous();
   const int64_t n = x.numel();
-  // The scalar grad_output is read on the device in the accumulation dtype (no host sync).
-  const at::Tensor go = none ? grad_output.to(input.scalar_type()).contiguous()
-                             : grad_output.reshape({}).to(acc_scalar_type(input.scalar_type())).contiguous();
+  // A scalar grad_output is read on the device in the accumulation dtype (no host sync).
+  const at::Tensor go = scalar ? grad_output.reshape({}).to(acc_scalar_type(input.scalar_type())).contiguous()
+                               : grad_output.expand(input.sizes()).to(input.scalar_type()).contiguous();
   const double scale = reduction == "mean" && n > 0 ? 2.0 / static_cast<double>(n) : 2.0;
   at::Tensor out = at::empty(input.sizes(), x.options());
-  C10_CUDA_CHECK(fc::mse_backward_launch(dtype_of(x), x.data_ptr(), y.data_ptr(), go.data_ptr(), !none, scale,
+  C10_CUDA_CHECK(fc::mse_backward_launch(dtype_of(x), x.data_ptr(), y.data_ptr(), go.data_ptr(), scalar, scale,
                                          out.data_ptr(), n, num_sms(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

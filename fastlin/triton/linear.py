@@ -6,8 +6,12 @@ need no copies), accumulating in fp32 (fp64 for fp64).
   * >= 5 output columns and >= 5 reduction columns: tl.dot. bf16/fp16 operands of one dtype use the
     native tensor-core dot (products exact in fp32, fp32 accumulation); fp32 operands follow
     fastlin.triton.input_precision() ("ieee" by default).
-  * otherwise (the O = 1..4 of linear regression, or fp64): FMAs on a broadcast tile, no tl.dot
-    (its minimum tile of 16 would waste 4-16x the work).
+  * otherwise (the O = 1..4 of linear regression, or fp64) FMAs, no tl.dot (its minimum tile of 16
+    would waste 4-16x the work), in one of two 2-D forms: with <= 4 output columns, each column is a
+    row-wise reduction of a coalesced (BLOCK_M, BLOCK_K) tile of A against one column of B; with
+    more columns, rank-1 updates acc += A[:, k] B[k, :] along the shared axis. (A 3-D broadcast
+    product summed over its middle axis, the form this replaced, gave wrong results on an H200 with
+    Triton 3.6.0 for small M, right ones in the interpreter; see bench/RESULTS.md.)
 linear_backward: grad_input = grad_output @ weight by the same kernel; grad_weight = grad_output.T @
 input and grad_bias = grad_output.sum(0) by the one-pass row kernel (fastlin/triton/_onepass.py):
 per-program partials over row tiles, then a fixed-order reduction (deterministic, no atomics).
@@ -26,7 +30,9 @@ from torch.library import triton_op
 from fastlin import _checks as C
 from fastlin.triton import _common as K
 from fastlin.triton import _onepass as OP
-from fastlin.triton._common import cast_out, fma_mm, scalar
+from fastlin.triton._common import cast_out, scalar
+
+FORM_DOT, FORM_COLUMNS, FORM_RANK1 = 0, 1, 2
 
 
 def _configs():
@@ -38,13 +44,15 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    bn, bk, dot = kwargs["BLOCK_NC"], kwargs["BLOCK_K"], kwargs["USE_DOT"]
+    bn, bk, form = kwargs["BLOCK_NC"], kwargs["BLOCK_K"], kwargs["FORM"]
+    dot = form == FORM_DOT
     fits = {}
     for c in configs:
         bm, w = c.kwargs["BLOCK_M"], c.num_warps
         if dot and bm < 16:
             continue
-        live = bm * (bn + bk) if dot else bm * bk * bn
+        # elements held at once: both dot operands; the A tile; the accumulator
+        live = {FORM_DOT: bm * (bn + bk), FORM_COLUMNS: bm * bk, FORM_RANK1: bm * bn}[form]
         if live <= 32 * 32 * w:
             fits.setdefault(w, []).append(c)
     out = []
@@ -57,7 +65,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "USE_DOT", "NATIVE", "PRECISION"],
+    key=["Nc", "K", "BLOCK_NC", "BLOCK_K", "FORM", "NATIVE", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=["M"])
@@ -79,7 +87,7 @@ def _linear_kernel(
     alpha: tl.float64,
     HAS_BIAS: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    FORM: tl.constexpr,
     NATIVE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -97,22 +105,38 @@ def _linear_kernel(
     mask_m = rm < M
     mask_n = rn < Nc
     acc = tl.zeros((BLOCK_M, BLOCK_NC), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask_k = kk < K
-        a = tl.load(
-            a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mask=mask_m[:, None] & mask_k[None, :], other=0
-        )
-        b = tl.load(
-            b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=mask_k[:, None] & mask_n[None, :], other=0
-        )
-        if USE_DOT:
-            if NATIVE:  # bf16/fp16 x bf16/fp16: exact products, fp32 accumulation
-                acc += tl.dot(a, b, out_dtype=ACC)
-            else:
-                acc += tl.dot(a.to(ACC), b.to(ACC), input_precision=PRECISION, out_dtype=ACC)
-        else:
-            acc += fma_mm(a.to(ACC), b.to(ACC), BLOCK_K)
+    if FORM == 2:  # FORM_RANK1: acc += A[:, k] B[k, :], one k at a time
+        for k in range(0, K):
+            k64 = tl.cast(k, tl.int64)
+            a = tl.load(a_ptr + rm * s_am + k64 * s_ak, mask=mask_m, other=0).to(ACC)
+            b = tl.load(b_ptr + k64 * s_bk + rn * s_bn, mask=mask_n, other=0).to(ACC)
+            acc += a[:, None] * b[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            mask_k = kk < K
+            a = tl.load(
+                a_ptr + rm[:, None] * s_am + kk.to(tl.int64)[None, :] * s_ak,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0,
+            )
+            if FORM == 0:  # FORM_DOT
+                b = tl.load(
+                    b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn,
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0,
+                )
+                if NATIVE:  # bf16/fp16 x bf16/fp16: exact products, fp32 accumulation
+                    acc += tl.dot(a, b, out_dtype=ACC)
+                else:
+                    acc += tl.dot(a.to(ACC), b.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+            else:  # FORM_COLUMNS: output column j = row-wise sum of the A tile times B[:, j]
+                a = a.to(ACC)
+                for j in tl.static_range(BLOCK_NC):
+                    col = pid_n * BLOCK_NC + j
+                    b = tl.load(b_ptr + kk * s_bk + col * s_bn, mask=mask_k & (col < Nc), other=0).to(ACC)
+                    part = tl.sum(a * b[None, :], axis=1)
+                    acc += tl.where(rn[None, :] == col, part[:, None], 0)
     if HAS_ALPHA:
         acc = acc * scalar(alpha, ACC)
     if HAS_BIAS:
@@ -133,11 +157,13 @@ def matmul_into(
     if M == 0 or Nc == 0:
         return
     acc = K.acc_dtype(a.dtype)
-    use_dot = Nc > 4 and Kd > 4 and acc == torch.float32
-    if use_dot:
-        bn, bk = min(max(16, K.next_pow2(Nc)), 64), min(max(16, K.next_pow2(Kd)), 64)
+    if Nc > 4 and Kd > 4 and acc == torch.float32:
+        form, bn, bk = FORM_DOT, min(max(16, K.next_pow2(Nc)), 64), min(max(16, K.next_pow2(Kd)), 64)
+    elif Nc <= 4:
+        form, bn, bk = FORM_COLUMNS, K.next_pow2(Nc), min(K.next_pow2(Kd), 128)
     else:
-        bn, bk = min(K.next_pow2(Nc), 64), min(K.next_pow2(Kd), 64)
+        form, bn, bk = FORM_RANK1, min(K.next_pow2(Nc), 64), 1
+    use_dot = form == FORM_DOT
     # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as their raw uint16 bits: upcast there
     native = use_dot and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and not K.INTERPRET
 
@@ -164,7 +190,7 @@ def matmul_into(
         float(alpha),
         HAS_BIAS=bias is not None,
         HAS_ALPHA=alpha != 1.0,
-        USE_DOT=use_dot,
+        FORM=form,
         NATIVE=native,
         ACC=K.tl_acc(a.dtype),
         PRECISION=K.input_precision(),

@@ -17,7 +17,7 @@
 # Environment: OUT (results dir), PYTHON (default python), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BUILD=1
 # (already installed), MAX_JOBS (build parallelism, default nproc), GPU_CHECK_STAGES (a subset of
 # "build exceptions triton bench cuda sanitizer generic" for a short rerun; default all),
-# GPU_CHECK_WORKERS (pytest-xdist workers of the generic stage, default 8).
+# GPU_CHECK_WORKERS (pytest-xdist workers of the generic stage, default 14).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -257,7 +257,7 @@ elif [ -n "$GENERIC" ]; then
     FLOG=${OUT_DIR:-/tmp}/failures.log
     rm -f "$FLOG"
     stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_FAIL_LOG="$FLOG" bash -c "\
-        $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist "${GPU_CHECK_WORKERS:-8}") \
+        $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist "${GPU_CHECK_WORKERS:-14}") \
         $GENERIC -k '(cuda or triton) and not reference-cuda' --tb=line -rfE > $GLOG 2>&1"
     log "generic tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
 $(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes; first failures:"

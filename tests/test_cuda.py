@@ -389,11 +389,14 @@ def _fit_by_train_steps(x, y, state, sw, *, epochs, batch_size, shuffle, seed, o
 
 
 @pytest.mark.parametrize("o,dtype", [(16, torch.float32), (17, torch.float64)], ids=["O16-f32", "O17-f64"])
-def test_train_step_and_fit_on_the_cublas_path(o, dtype):
+def test_train_step_and_fit_on_the_cublas_path(o, dtype, monkeypatch):
     """O > 4 on batches of >= 2^19 float32/float64 elements, and O > 16, take the ATen/cuBLAS path
-    of csrc/cuda/train_step_cuda.cpp, which walks a batch in chunks of 2^22 elements: a 70000 x 64
-    batch is two chunks. train_step against the float64 reference; fit (shuffled batches of 70000
-    rows, gathered by index, with sample weights) against train_step on the same rows."""
+    of csrc/cuda/train_step_cuda.cpp, which walks a batch in row chunks whose temporaries stay under
+    FASTLIN_CUDA_ATEN_CHUNK_ELEMS elements (2^26 by default; 2^20 here: train_step's 140000 rows in
+    3 chunks of residuals, each gathered fit batch of 70000 rows in 6 chunks of rows + residuals).
+    train_step against the float64 reference; fit (shuffled batches of 70000 rows, gathered by
+    index, with sample weights) against train_step on the same rows."""
+    monkeypatch.setenv("FASTLIN_CUDA_ATEN_CHUNK_ELEMS", str(1 << 20))
     n, d = 140000, 64
     opts = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=False, maximize=False)
     x, y = _randn(n, d, dtype=dtype), _randn(n, o, dtype=dtype, shift=0.5)

@@ -200,3 +200,24 @@ def test_backend_argument_and_set_default():
     if unavailable:
         with pytest.raises(RuntimeError, match=f"backend '{unavailable}' is not available"):
             fastlin.functional.linear(x, w, backend=unavailable)
+
+
+def test_extension_uses_the_shared_cxx_runtime():
+    """fastlin._C depends on the shared libstdc++ (the one torch runs with) and carries no copy of
+    the C++ runtime: built by a g++ that linked libstdc++ statically, every failed input check
+    segfaulted inside that copy's ostream (on the GPU machines; setup.py's LINK)."""
+    ok, why = fastlin.backends.status()["cpp"]
+    if not ok:
+        pytest.skip(f"backend cpp unavailable: {why}")
+    import shutil
+
+    import fastlin._C as ext
+
+    readelf, nm = shutil.which("readelf"), shutil.which("nm")
+    if not (sys.platform.startswith("linux") and readelf and nm):
+        pytest.skip("needs Linux with binutils (readelf, nm)")
+    dyn = subprocess.run([readelf, "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dyn, f"{ext.__file__} does not depend on the shared libstdc++:\n{dyn}"
+    syms = subprocess.run([nm, ext.__file__], capture_output=True, text=True, check=True).stdout
+    inside = [ln for ln in syms.splitlines() if " T _ZNSo9_M_insert" in ln or " W _ZNSo9_M_insert" in ln]
+    assert not inside, f"{ext.__file__} defines the C++ runtime's ostream itself: {inside[:3]}"

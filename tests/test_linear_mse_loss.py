@@ -69,7 +69,7 @@ def check(out, refs, dtype, mask, what=""):
         cond = _norm(m) / max(_norm(r), 1e-300)
         err = rel_error(a, r)
         tol = max(REL_TOL[dtype], 2 * rel_error(n, r), SUM_TOL[dtype] * cond)
-        assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.1e} ({dtype}, condition {cond:.0f})"
+        assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.1e} ({dtype}, cond {cond:.0f})"
 
 
 def away_from(pred):

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 #include "cpu/train_step.h"  // fastlin::check_train_args, fastlin::SgdOptions (shared with the CPU)
@@ -27,8 +28,17 @@ namespace {
 namespace fc = ::fastlin::cuda;
 using namespace ::fastlin::cuda_glue;
 
-// Elements of x per row chunk of the ATen path (16 MB of float32).
-constexpr int64_t kAtenChunkElems = int64_t(1) << 22;
+// Elements of temporaries per row chunk of the ATen path (256 MB of float32): the residuals (rows x O)
+// and, where the batch is gathered by index or widened to the accumulation dtype, the rows' copy
+// (rows x D). FASTLIN_CUDA_ATEN_CHUNK_ELEMS overrides it (read at each call; tests use it to reach
+// several chunks cheaply). The first H200 run chunked by 2^22 elements of x whatever the
+// temporaries: 256 chunks of ~10 small launches for a 4M x 256 batch, 41 ms at O = 16.
+constexpr int64_t kAtenChunkElems = int64_t(1) << 26;
+
+int64_t aten_chunk_elems() {
+  if (const char* s = std::getenv("FASTLIN_CUDA_ATEN_CHUNK_ELEMS")) return std::max<int64_t>(1, std::atoll(s));
+  return kAtenChunkElems;
+}
 
 // Everything about one train_step / fit problem that does not change from step to step.
 struct Problem {
@@ -116,8 +126,8 @@ void step_partials(const Problem& p, const fc::RowPassPlan& plan, const at::Tens
     return;
   }
   // ATen/cuBLAS: the same sums in the accumulation dtype (loss and weight sums in float64), G = 1,
-  // over row chunks of about kAtenChunkElems elements in a fixed order, so the temporaries (the
-  // gathered or widened rows, the residuals) stay bounded whatever the batch size.
+  // over row chunks in a fixed order, so the temporaries (the gathered or widened rows, the
+  // residuals) stay under aten_chunk_elems() elements whatever the batch size.
   at::Tensor part0 = part.select(0, 0);
   at::Tensor ps0 = part_s.select(0, 0);
   part0.zero_();
@@ -125,7 +135,9 @@ void step_partials(const Problem& p, const fc::RowPassPlan& plan, const at::Tens
   at::Tensor gw = part0.narrow(0, 0, p.O * p.D).view({p.O, p.D});
   const at::Tensor wa = p.weight.to(p.acc);
   const at::Tensor ba = p.bias.defined() ? p.bias.to(p.acc) : at::Tensor();
-  const int64_t chunk = std::max<int64_t>(1, kAtenChunkElems / std::max<int64_t>(1, p.D));
+  const bool copies_rows = rows.defined() || p.x.scalar_type() != p.acc;
+  const int64_t per_row = p.O + (copies_rows ? p.D : 0);
+  const int64_t chunk = std::max<int64_t>(1, aten_chunk_elems() / std::max<int64_t>(1, per_row));
   for (int64_t c0 = 0; c0 < nrows; c0 += chunk) {
     const int64_t n = std::min(chunk, nrows - c0);
     const at::Tensor idx = rows.defined() ? rows.narrow(0, c0, n) : at::Tensor();

@@ -219,9 +219,12 @@ def cast_out(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return out
 
 
-# Products on FMAs (the paths without tl.dot), as a broadcast product summed over the shared axis.
-# A shared axis of size 1 is a plain broadcast instead: on an H200 (Triton 3.6.0) tl.sum over a
-# size-1 axis of such a 3-D product came out ~8x too large, the interpreter being right.
+# Products on FMAs (the one-pass kernels' paths without tl.dot, BLOCK_O <= 4), as a broadcast
+# product summed over the shared axis. A shared axis of size 1 is a plain broadcast instead: on an
+# H200 (Triton 3.6.0) tl.sum over a size-1 axis of such a 3-D product came out ~8x too large, the
+# interpreter being right. The same 3-D form in `linear` (a loaded tile, shared axis 4, output tile
+# 32-64 wide) was wrong outright there; these uses pass every GPU test at O = 2..4, which is a
+# property of their operands' layouts: re-check them on a GPU after any Triton upgrade.
 
 
 @triton.jit

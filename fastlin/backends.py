@@ -5,7 +5,8 @@ Backends:
   cuda       CUDA C++ kernels registered for CUDA tensors (fastlin._C built with FASTLIN_BUILD_CUDA)
   triton     Triton kernels (fastlin.triton) on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1
   reference  plain torch (fastlin.reference), any device; the oracle of the tests
-  auto       cpp on the CPU; cuda, else triton, else reference on CUDA
+  auto       cpp on the CPU; on CUDA, per op, the GPU backend measured faster (_AUTO_CUDA), else
+             the other one, else reference
 
 The default comes from the FASTLIN_BACKEND environment variable (read at import, "auto" if unset);
 most entry points also take ``backend=``.
@@ -113,8 +114,17 @@ def _validate(name: str) -> str:
     return name.lower()
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The concrete backend that runs for tensors on ``device``.
+# auto on CUDA tensors: the backends to try, per op, fastest first as measured on an H200
+# (bench/RESULTS.md, "## GPU", 2026-11-26): the one-pass ops run faster on Triton (train_step 4M x
+# 256, O = 1: 1.10 vs 1.18 ms fp32, 0.74 vs 0.99 ms bf16; O = 16: 10.4 vs 41.0 ms), sgd_update_
+# on CUDA C++ (0.15 vs 0.28 ms for 16.8M parameters); the rest is unmeasured and keeps CUDA C++ first.
+_ONE_PASS_FIRST = ("triton", "cuda")
+_AUTO_CUDA = {"train_step": _ONE_PASS_FIRST, "fit": _ONE_PASS_FIRST, "linear_mse_loss": _ONE_PASS_FIRST}
+_AUTO_CUDA_DEFAULT = ("cuda", "triton")
+
+
+def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
+    """The concrete backend that runs op ``op`` (None: any op) for tensors on ``device``.
 
     Raises RuntimeError naming the reason when an explicitly requested backend cannot run there.
     """
@@ -126,7 +136,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if device.type == "cpu":
             return "cpp" if _status["cpp"][0] else "reference"
         if device.type == "cuda":
-            for cand in ("cuda", "triton"):
+            for cand in _AUTO_CUDA.get(op, _AUTO_CUDA_DEFAULT):
                 if _status[cand][0]:
                     return cand
         return "reference"

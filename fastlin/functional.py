@@ -40,7 +40,7 @@ def _linear(input, weight, bias, backend):
         and isinstance(weight, _Tensor)
         and (bias is None or isinstance(bias, _Tensor))
         and not _is_compiling()
-        and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))
+        and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device, "linear"))
     ):
         nd = input.dim()
         if nd == 2:
@@ -77,7 +77,7 @@ def _mse_loss(input, target, reduction, backend):
         isinstance(input, _Tensor)
         and isinstance(target, _Tensor)
         and not _is_compiling()
-        and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device))
+        and (_cpu_native(backend) if input.is_cpu else _is_native(backend, input.device, "mse_loss"))
     ):
         return ops.native_mse_loss(input, target, reduction)  # C++ autograd, see _linear()
     return MSELossFunction.apply(input, target, reduction, backend)

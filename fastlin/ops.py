@@ -24,15 +24,16 @@ native_mse_loss = None
 native_sgd_update_ = None
 
 
-def is_native(backend: str | None, device: torch.device) -> bool:
-    """Whether ``backend`` on ``device`` runs the torch.ops.fastlin.* ops (cpp, cuda). Cached per
-    (backend, process default, device); raises like backends.resolve for a bad/unavailable backend."""
+def is_native(backend: str | None, device: torch.device, op: str | None = None) -> bool:
+    """Whether ``backend`` on ``device`` runs op ``op`` as a torch.ops.fastlin.* op (cpp, cuda). Cached
+    per (backend, process default, device, op); raises like backends.resolve for a bad/unavailable
+    backend."""
     if backend is not None and not isinstance(backend, str):
         backends.resolve(backend, device)  # raises the clear error
-    key = (backend, backends._default, device)
+    key = (backend, backends._default, device, op)
     r = _native_cache.get(key)
     if r is None:
-        r = _native_cache[key] = backends.resolve(backend, device) in ("cpp", "cuda")
+        r = _native_cache[key] = backends.resolve(backend, device, op) in ("cpp", "cuda")
     return r
 
 
@@ -53,7 +54,7 @@ def cpu_native(backend: str | None) -> bool:
 
 def impl(name: str, backend: str | None, device: torch.device):
     """The callable implementing op ``name`` for tensors on ``device`` under ``backend``."""
-    which = backends.resolve(backend, device)
+    which = backends.resolve(backend, device, name)
     key = (name, which)
     fn = _cache.get(key)
     if fn is None:

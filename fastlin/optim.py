@@ -126,7 +126,9 @@ class SGD(torch.optim.SGD):
     def _native(self, p) -> bool:
         if _is_compiling():  # dynamo traces ops.sgd_update_ (no module-level caches written)
             return False
-        return ops.cpu_native(self.backend) if p.is_cpu else ops.is_native(self.backend, p.device)
+        if p.is_cpu:
+            return ops.cpu_native(self.backend)
+        return ops.is_native(self.backend, p.device, "sgd_update_")
 
     def _plan_group(self, group, calls: list) -> None:
         """Append this group's update calls: one per (device, first_step) subset (the op updates a

@@ -221,3 +221,27 @@ def test_extension_uses_the_shared_cxx_runtime():
     syms = subprocess.run([nm, ext.__file__], capture_output=True, text=True, check=True).stdout
     inside = [ln for ln in syms.splitlines() if " T _ZNSo9_M_insert" in ln or " W _ZNSo9_M_insert" in ln]
     assert not inside, f"{ext.__file__} defines the C++ runtime's ostream itself: {inside[:3]}"
+
+
+def test_auto_on_cuda_picks_per_op(monkeypatch):
+    """auto on CUDA tensors: the one-pass ops (train_step, fit, linear_mse_loss) try Triton first,
+    the others CUDA C++ first (the H200 measurements behind backends._AUTO_CUDA); each falls back to
+    the other GPU backend, then to the reference. (Availability is faked: no GPU needed.)"""
+    resolve, cuda = fastlin.backends.resolve, torch.device("cuda")
+    fastlin.backends.status()  # probe first, so the faked entries below are not overwritten
+
+    def available(cuda_ok, triton_ok):
+        monkeypatch.setitem(fastlin.backends._status, "cuda", (cuda_ok, "faked"))
+        monkeypatch.setitem(fastlin.backends._status, "triton", (triton_ok, "faked"))
+
+    one_pass, others = ("train_step", "fit", "linear_mse_loss"), ("sgd_update_", "linear", "mse_loss", None)
+    available(True, True)
+    assert [resolve("auto", cuda, op) for op in one_pass] == ["triton"] * 3
+    assert [resolve("auto", cuda, op) for op in others] == ["cuda"] * 4
+    available(True, False)
+    assert {resolve("auto", cuda, op) for op in one_pass + others} == {"cuda"}
+    available(False, True)
+    assert {resolve("auto", cuda, op) for op in one_pass + others} == {"triton"}
+    available(False, False)
+    assert {resolve("auto", cuda, op) for op in one_pass + others} == {"reference"}
+    assert resolve("auto", torch.device("cpu"), "train_step") in ("cpp", "reference")

@@ -246,6 +246,16 @@ else
     SUMMARY+=("sanitizer: skipped (cuda backend unavailable or no compute-sanitizer)")
 fi
 
+if [[ " ${GPU_CHECK_STAGES:-} " == *" profile "* ]]; then
+    if command -v ncu >/dev/null; then
+        NCSV=${OUT_DIR:-/tmp}/ncu.csv
+        stage profile 120 8 bash -c "ncu --csv --metrics $($PY bench/gpu_profile.py --metrics) \
+            $PY bench/gpu_profile.py > $NCSV 2>&1; $PY bench/gpu_profile.py --summarize $NCSV"
+    else
+        log "profile stage skipped: no ncu on PATH"; SUMMARY+=("profile: skipped (no ncu)")
+    fi
+fi
+
 GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e 'test_cuda' | tr '\n' ' ')
 if ! want generic; then
     :

@@ -1,0 +1,92 @@
+"""The kernels behind the GPU bench's missed targets, for Nsight Compute (the "profile" stage of
+bench/gpu_check.sh, opt-in):
+
+    ncu --metrics <list> --csv python bench/gpu_profile.py     # what gpu_check.sh runs
+    python bench/gpu_profile.py --summarize ncu.csv             # one line per kernel launch
+
+Each case runs twice (the first call compiles/autotunes; ncu's --launch-skip is not needed because
+the summary lists every launch in order). Cases: train_step O = 1 on
+1M x 256 rows in fp32 and bf16 on both backends (bf16 was 69% / 52% of its read limit against fp32's
+93% / 87%), and sgd_update_ of a 4096 x 4096 layer + bias with momentum (CUDA C++ at 55% of the copy
+bandwidth).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+# (Nsight Compute metric, column heading)
+METRICS = (
+    ("gpu__time_duration.sum", "time"),
+    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "dram %peak"),
+    ("dram__bytes_read.sum", "dram read"),
+    ("dram__bytes_write.sum", "dram write"),
+    ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "sm %peak"),
+    ("l1tex__throughput.avg.pct_of_peak_sustained_active", "l1 %peak"),
+    ("sm__warps_active.avg.pct_of_peak_sustained_active", "occupancy %"),
+    ("launch__registers_per_thread", "regs"),
+    ("launch__grid_size", "grid"),
+    ("launch__block_size", "block"),
+)
+
+
+def run_cases() -> None:
+    import torch
+
+    import fastlin
+    from fastlin import ops
+
+    status = fastlin.backends.status()
+    n, d = 1 << 20, 256
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(n, d, device="cuda").to(dtype)
+        y = torch.randn(n, 1, device="cuda").to(dtype)
+        for backend in ("triton", "cuda"):
+            if not status[backend][0]:
+                continue
+            w, b = torch.zeros(1, d, device="cuda"), torch.zeros(1, device="cuda")
+            for _ in range(2):
+                ops.train_step(x, y, w, b, None, None, None, lr=0.01, backend=backend)
+            torch.cuda.synchronize()
+    p = [torch.randn(4096, 4096, device="cuda"), torch.randn(4096, device="cuda")]
+    g = [torch.randn_like(t) for t in p]
+    buf = [torch.zeros_like(t) for t in p]
+    for backend in ("cuda", "triton"):
+        if not status[backend][0]:
+            continue
+        for _ in range(2):
+            ops.sgd_update_(p, g, buf, lr=0.01, momentum=0.9, backend=backend)
+        torch.cuda.synchronize()
+    print("gpu_profile: cases done")
+
+
+def summarize(path: str) -> None:
+    """ncu --csv output -> one line per kernel launch, in launch order (cases in the order above:
+    train_step fp32 triton, cuda; bf16 triton, cuda; sgd_update_ cuda, triton; two calls each)."""
+    with open(path, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]  # ncu prints its own log lines too
+    rows = list(csv.DictReader(lines))
+    if not rows:
+        print(f"gpu_profile: no metric rows in {path}")
+        return
+    launches: dict[str, dict] = {}
+    units: dict[str, str] = {}
+    for r in rows:
+        k = launches.setdefault(r.get("ID", "?"), {"kernel": r.get("Kernel Name", "?")})
+        k[r["Metric Name"]] = r.get("Metric Value", "")
+        units[r["Metric Name"]] = r.get("Metric Unit", "")
+    print("id  kernel".ljust(50) + " ".join(f"{h:>12}" for _, h in METRICS))
+    for i, k in launches.items():
+        cells = " ".join(f"{k.get(m, '-')[:12]:>12}" for m, _ in METRICS)
+        print(f"{i:>3} {k['kernel'][:45]}".ljust(50) + cells)
+    print("units: " + ", ".join(f"{h} {units[m]}" for m, h in METRICS if m in units))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        summarize(sys.argv[2])
+    elif len(sys.argv) == 2 and sys.argv[1] == "--metrics":
+        print(",".join(m for m, _ in METRICS))
+    else:
+        run_cases()

@@ -191,8 +191,8 @@ cudaError_t mse_backward_launch(DType t, const void* x, const void* y, const voi
                                 double scale, void* out, int64_t n, int num_sms, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// Multi-tensor SGD (sgd_update.cu): every tensor of the list in one launch per kSgdMaxTensors
-// tensors. p, g, buf: dense tensors of n elements with the same layout; buf == nullptr when
+// Multi-tensor SGD (sgd_update.cu): every tensor of the list in one launch per dtype present and
+// kSgdMaxTensors tensors. p, g, buf: dense tensors of n elements with the same layout; buf == nullptr when
 // momentum == 0.
 constexpr int kSgdMaxTensors = 64;
 struct SgdTensorRef {

@@ -1,4 +1,5 @@
-// Multi-tensor SGD: torch.optim.SGD's update for every tensor of a parameter group in one launch.
+// Multi-tensor SGD: torch.optim.SGD's update for every tensor of a parameter group in one launch
+// (one per dtype in a group that mixes dtypes; one per kSgdMaxTensors tensors).
 //
 // The tensor list travels by value as a __grid_constant__ kernel parameter (pointers, sizes,
 // dtypes and a prefix sum of chunk counts; under 4 KB), so there is no host-to-device copy and the
@@ -82,6 +83,10 @@ __device__ __forceinline__ void sgd_chunk(const SgdTensorRef& r, bool aligned, i
   }
 }
 
+// One kernel per parameter dtype: a kernel holds the registers of its widest path, and one kernel
+// switching over all four dtypes took 128 registers (its float64 path's), which left two blocks of
+// 256 threads per SM for float32 too.
+template <typename P>
 __global__ void __launch_bounds__(kSgdThreads) sgd_multi_kernel(const __grid_constant__ SgdBatch bt, const SgdOpts opt) {
   const int64_t total = bt.chunk_begin[bt.count];
   for (int64_t c = blockIdx.x; c < total; c += gridDim.x) {
@@ -98,20 +103,14 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_multi_kernel(const __grid_con
     const SgdTensorRef& r = bt.t[lo];
     const int64_t begin = (c - bt.chunk_begin[lo]) * kChunk;
     const int64_t end = begin + kChunk < r.n ? begin + kChunk : r.n;
-    const bool al = bt.aligned[lo] != 0;
-    switch (r.dt) {
-      case DType::F32: sgd_chunk<float>(r, al, begin, end, opt); break;
-      case DType::F64: sgd_chunk<double>(r, al, begin, end, opt); break;
-      case DType::BF16: sgd_chunk<__nv_bfloat16>(r, al, begin, end, opt); break;
-      case DType::F16: sgd_chunk<__half>(r, al, begin, end, opt); break;
-    }
+    sgd_chunk<P>(r, bt.aligned[lo] != 0, begin, end, opt);
   }
 }
 
-}  // namespace
-
-cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
-                              cudaStream_t stream) {
+// Launches the kernel of dtype P over the tensors of that dtype, kSgdMaxTensors at a time.
+template <typename P>
+cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, DType dt, const SgdOpts& opt, int num_sms,
+                         cudaStream_t stream) {
   int i = 0;
   while (i < count) {
     SgdBatch bt{};
@@ -119,23 +118,36 @@ cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdO
     int64_t chunks = 0;
     for (; i < count && k < kSgdMaxTensors; ++i) {
       const SgdTensorRef& r = tensors[i];
-      if (r.n <= 0) continue;
+      if (r.n <= 0 || r.dt != dt) continue;
       bt.t[k] = r;
       bt.chunk_begin[k] = chunks;
       bt.aligned[k] = aligned16(r.p) && aligned16(r.g) && (r.buf == nullptr || aligned16(r.buf));
       chunks += ceil_div(r.n, kChunk);
       ++k;
     }
-    if (k == 0) break;  // only empty tensors were left
+    if (k == 0) break;  // no tensor of this dtype was left
     bt.chunk_begin[k] = chunks;
     bt.count = k;
     const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * 8;
     const unsigned blocks = static_cast<unsigned>(chunks < cap ? chunks : cap);
-    FASTLIN_LAUNCH(sgd_multi_kernel, blocks, kSgdThreads, 0, stream, bt, opt);
+    FASTLIN_LAUNCH(sgd_multi_kernel<P>, blocks, kSgdThreads, 0, stream, bt, opt);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
+                              cudaStream_t stream) {
+  // One launch per dtype present (per kSgdMaxTensors tensors of it): a group of one dtype, the
+  // usual case, is one launch; launch_dtype launches nothing for a dtype without tensors.
+  cudaError_t err = launch_dtype<float>(tensors, count, DType::F32, opt, num_sms, stream);
+  if (err == cudaSuccess) err = launch_dtype<double>(tensors, count, DType::F64, opt, num_sms, stream);
+  if (err == cudaSuccess) err = launch_dtype<__nv_bfloat16>(tensors, count, DType::BF16, opt, num_sms, stream);
+  if (err == cudaSuccess) err = launch_dtype<__half>(tensors, count, DType::F16, opt, num_sms, stream);
+  return err;
 }
 
 }  // namespace cuda

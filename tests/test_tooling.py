@@ -1,0 +1,86 @@
+"""The GPU check's own tooling, on the CPU: a device lease is short (15 minutes) and a bug in the
+bench or in its diagnostics would waste it. bench/gpu_bench.py --dry-run (Triton interpreter, tiny
+sizes), bench/gpu_profile.py's summary of an Nsight Compute CSV, and the FASTLIN_FAIL_LOG hook of
+tests/conftest.py that bench/gpu_check.sh reads when a run is cut short."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import conftest
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_bench_dry_run(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1")
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gpu_bench.py"), "--dry-run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (tmp_path / "gpu_bench_table.txt").read_text()
+    for case in (
+        "train_step N=4096 D=32 O=1 fp32",
+        "train_step N=4096 D=32 O=8 bf16",
+        "linear_mse_loss",
+        "sgd_update_",
+    ):
+        assert case in table, f"{case!r} missing from the table:\n{table}"
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    rows = {row["case"]: row for row in data["rows"]}
+    step = rows["train_step N=4096 D=32 O=1 fp32"]
+    assert {"eager", "triton"} <= set(step["results"]), step["results"].keys()
+    # every contender's one-step update was checked against float64, and is float32-accurate
+    assert step["update_error"] and max(step["update_error"].values()) < 1e-5, step["update_error"]
+
+
+def test_gpu_profile_summary(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.pop(0)
+    head = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [
+        ("0", "_onepass_kernel", "gpu__time_duration.sum", "usecond", "251.30"),
+        ("0", "_onepass_kernel", "dram__throughput.avg.pct_of_peak_sustained_elapsed", "%", "91.2"),
+        ("1", "sgd_multi_kernel", "launch__registers_per_thread", "register/thread", "74"),
+    ]
+    csv = tmp_path / "ncu.csv"
+    csv.write_text(
+        "==PROF== Connected to process 1\n"
+        + head
+        + "".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows)
+    )
+    gpu_profile.summarize(str(csv))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["id", "kernel", "time"]
+    first = out[1].split()
+    assert first[:4] == ["0", "_onepass_kernel", "251.30", "91.2"]
+    assert out[2].split()[:2] == ["1", "sgd_multi_kernel"] and "74" in out[2].split()
+    assert out[3].startswith("units: time usecond")
+
+
+def test_fail_log_hook(tmp_path, monkeypatch):
+    log = tmp_path / "failures.log"
+    monkeypatch.setattr(conftest, "_FAIL_LOG", str(log))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    text = "def test_x():\n>       assert 1 == 2\nE       assert 1 == 2\n\ntests/t.py:2: AssertionError"
+    failed = types.SimpleNamespace(failed=True, nodeid="tests/t.py::test_x", when="call", longreprtext=text)
+    passed = types.SimpleNamespace(failed=False, nodeid="tests/t.py::test_y", when="call", longreprtext="")
+    conftest.pytest_runtest_logreport(passed)
+    assert not log.exists()
+    conftest.pytest_runtest_logreport(failed)
+    assert log.read_text() == "tests/t.py::test_x (call)\n    E       assert 1 == 2\n"
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # workers leave it to the controller
+    conftest.pytest_runtest_logreport(failed)
+    assert log.read_text().count("test_x") == 1

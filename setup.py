@@ -45,9 +45,9 @@ def _loaded_libstdcxx():
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                path = line.split()[-1]
-                if os.path.basename(path).startswith("libstdc++.so"):
-                    return path
+                fields = line.split()  # address perms offset dev inode [path]
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return fields[-1]
     except OSError:
         pass
     return None

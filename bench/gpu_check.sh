@@ -6,10 +6,14 @@
 #   versions   nvidia-smi, python, torch, triton, nvcc
 #   build      pip install -e . with the CUDA kernels (FASTLIN_BUILD_CUDA=1, FASTLIN_CUDA_ARCH_LIST=9.0);
 #              if that fails, a CPU-only build (the Triton backend needs no compiled code at all)
+#   exceptions a failed input check of fastlin._C must raise, on cpu and cuda (else: toolchain facts,
+#              the native stack, and a rebuild with another g++)
 #   triton     TRITON_INTERPRET=0 pytest tests/test_triton.py (quick selection: FASTLIN_GPU_QUICK=1)
 #   bench      bench/gpu_bench.py: eager, torch.compile, fastlin triton/cuda, the copy-bandwidth limit
 #   cuda       pytest tests/test_cuda*.py (when present)
 #   sanitizer  compute-sanitizer memcheck on a small cuda train_step (when the cuda backend built)
+#   profile    only when named in GPU_CHECK_STAGES: Nsight Compute metrics of the kernels behind the
+#              missed targets (bench/gpu_profile.py)
 #   generic    the generic suite (tests/test_*.py) filtered to its cuda/triton cases, in the time left
 # The bench runs before the longer test stages so a slow build or test run cannot starve it.
 # Everything finishes within GPU_CHECK_BUDGET seconds (default 460, under the 8-minute limit); each
@@ -34,7 +38,8 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 SUMMARY=()
-want() { [ -z "${GPU_CHECK_STAGES:-}" ] || [[ " $GPU_CHECK_STAGES " == *" $1 "* ]]; }
+named() { [[ " ${GPU_CHECK_STAGES:-} " == *" $1 "* ]]; }  # stage $1 is listed in GPU_CHECK_STAGES
+want() { [ -z "${GPU_CHECK_STAGES:-}" ] || named "$1"; }     # ... or no list was given
 elapsed() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[gpu_check $(date +%H:%M:%S) +$(elapsed)s] $*"; }
 # seconds a stage may take: at most $1, and never eat into the $2 seconds reserved for later stages
@@ -87,7 +92,7 @@ command -v compute-sanitizer >/dev/null || log "compute-sanitizer not on PATH"
 # build: with CUDA kernels; on failure fall back to a CPU-only build (schemas + C++ CPU kernels)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ] || ! want build; then
-    log "build skipped (GPU_CHECK_SKIP_BUILD=1)"; SUMMARY+=("build: skipped on request")
+    log "build skipped (GPU_CHECK_SKIP_BUILD=1 or not in GPU_CHECK_STAGES)"; SUMMARY+=("build: skipped on request")
 else
     stage build-cuda 150 170 env FASTLIN_BUILD_CUDA=1 FASTLIN_CUDA_ARCH_LIST=9.0 \
         $PY -m pip install --no-build-isolation --no-deps -e . -q
@@ -246,7 +251,7 @@ else
     SUMMARY+=("sanitizer: skipped (cuda backend unavailable or no compute-sanitizer)")
 fi
 
-if [[ " ${GPU_CHECK_STAGES:-} " == *" profile "* ]]; then
+if named profile; then
     if command -v ncu >/dev/null; then
         NCSV=${OUT_DIR:-/tmp}/ncu.csv
         stage profile 120 8 bash -c "ncu --csv --metrics $($PY bench/gpu_profile.py --metrics) \

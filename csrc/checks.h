@@ -88,6 +88,26 @@ inline void check_target(const char* op, const at::Tensor& target, const at::Ten
               "(N, out_features) to match input's rows and weight's out_features; fastlin never broadcasts a target");
 }
 
+// mse_loss / mse_loss_backward: input of any floating shape, target of exactly that shape.
+inline void check_mse_args(const char* op, const at::Tensor& input, const at::Tensor& target,
+                           c10::string_view reduction) {
+  check_reduction(op, reduction, /*allow_none=*/true);
+  check_floating(op, "input", input);
+  check_same_dtype(op, "target", target, "input", input);
+  check_same_device(op, "target", target, "input", input);
+  check_shape(op, "target", target, input.sizes(), "(the shape of input; fastlin never broadcasts a target)");
+}
+
+// mse_loss_backward's grad_output: one value (any shape holding one element), else broadcastable to
+// input's shape (torch's rule; the gradient always has input's shape).
+inline void check_mse_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
+  if (grad_output.numel() != 1 && grad_output.sizes() != input.sizes()) {
+    TORCH_CHECK_VALUE(at::infer_size(grad_output.sizes(), input.sizes()) == input.sizes(), "fastlin.", op,
+                      ": grad_output must be a scalar or broadcastable to input's shape ", shape_str(input),
+                      ", got shape ", shape_str(grad_output));
+  }
+}
+
 inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace fastlin

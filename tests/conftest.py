@@ -102,12 +102,17 @@ SUM_TOL = {
 }
 
 
+def norm64(t: torch.Tensor) -> float:
+    """The 2-norm of t, computed in float64 on the CPU."""
+    return torch.linalg.vector_norm(t.detach().to(torch.float64).cpu()).item()
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out = out.detach().to(torch.float64).cpu()
     ref = ref.detach().to(torch.float64).cpu()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    num = torch.linalg.vector_norm(out - ref).item()
-    den = torch.linalg.vector_norm(ref).item()
+    num = norm64(out - ref)
+    den = norm64(ref)
     if den == 0.0:
         return num
     return num / den

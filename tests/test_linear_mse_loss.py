@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import REL_TOL, SUM_TOL, assert_rel_close, rel_error, run_under_isa
+from conftest import REL_TOL, SUM_TOL, assert_rel_close, norm64, rel_error, run_under_isa
 
 import fastlin
 from fastlin import ops, reference
@@ -50,10 +50,6 @@ def magnitudes64(x, w, b, y, reduction):
     return (r.square().sum() * scale, a @ w.abs(), a.T @ x.abs(), a.sum(0), a)
 
 
-def _norm(t):
-    return torch.linalg.vector_norm(t.detach().to(torch.float64).cpu()).item()
-
-
 def check(out, refs, dtype, mask, what=""):
     """Error vs float64 within the largest of: REL_TOL; 2x the error of the reference computed at the
     kernel's precision (DESIGN.md's rule); SUM_TOL times the output's condition, ||sum of |terms|||
@@ -66,7 +62,7 @@ def check(out, refs, dtype, mask, what=""):
             continue
         assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}"
         assert not torch.isnan(a).any() or torch.isnan(r).any(), f"{what} {name}: NaN (an unwritten element?)"
-        cond = _norm(m) / max(_norm(r), 1e-300)
+        cond = norm64(m) / max(norm64(r), 1e-300)
         err = rel_error(a, r)
         tol = max(REL_TOL[dtype], 2 * rel_error(n, r), SUM_TOL[dtype] * cond)
         assert err <= tol, f"{what} {name}: relative error {err:.3e} > {tol:.1e} ({dtype}, cond {cond:.0f})"

@@ -19,14 +19,6 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per chunk sum (256 per float32 lane)
 
-void check_mse_args(const char* op, const at::Tensor& input, const at::Tensor& target, c10::string_view reduction) {
-  check_reduction(op, reduction, /*allow_none=*/true);
-  check_floating(op, "input", input);
-  check_same_dtype(op, "target", target, "input", input);
-  check_same_device(op, "target", target, "input", input);
-  check_shape(op, "target", target, input.sizes(), "(the shape of input; fastlin never broadcasts a target)");
-}
-
 // Operands as `rows` rows of `cols` elements (base + r * ld): one flat row when every operand is
 // contiguous; rows of a 2-D tensor with unit column stride (a row stride, or stride 0 for an
 // expanded dimension) when that avoids a copy and rows are long enough to vectorise; else one
@@ -163,13 +155,9 @@ at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_output, const at::Tensor
   if (n == 0) return out;
   // grad_output: a scalar (0-d, or any broadcast of one value), else input-shaped after
   // broadcasting (torch's rule; the result always has input's shape).
+  check_mse_grad_output(op, grad_output, input);
   at::Tensor g = grad_output;
-  if (g.sizes() != input.sizes() && g.numel() != 1) {
-    TORCH_CHECK_VALUE(at::infer_size(g.sizes(), input.sizes()) == input.sizes(), "fastlin.", op,
-                      ": grad_output must be a scalar or broadcastable to input's shape ", shape_str(input),
-                      ", got shape ", shape_str(grad_output));
-    g = g.expand(input.sizes());
-  }
+  if (g.sizes() != input.sizes() && g.numel() != 1) g = g.expand(input.sizes());
   bool scalar = g.numel() == 1;
   if (!scalar) {
     scalar = true;

@@ -12,18 +12,15 @@ namespace {
 namespace fc = ::fastlin::cuda;
 using namespace ::fastlin::cuda_glue;
 
-void check_mse_args(const char* op, const at::Tensor& input, const at::Tensor& target, c10::string_view reduction) {
-  check_reduction(op, reduction, /*allow_none=*/true);
-  check_floating(op, "input", input);
-  check_same_dtype(op, "target", target, "input", input);
-  check_same_device(op, "target", target, "input", input);
-  check_shape(op, "target", target, input.sizes(), "(the shape of input; fastlin never broadcasts a target)");
+void check_cuda_mse_args(const char* op, const at::Tensor& input, const at::Tensor& target,
+                         c10::string_view reduction) {
+  check_cuda_mse_args(op, input, target, reduction);
   check_cuda(op, "input", input);
 }
 
 at::Tensor mse_loss_cuda(const at::Tensor& input, const at::Tensor& target, c10::string_view reduction) {
   const char* op = "mse_loss";
-  check_mse_args(op, input, target, reduction);
+  check_cuda_mse_args(op, input, target, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const at::Tensor y = target.contiguous();
@@ -48,16 +45,10 @@ at::Tensor mse_loss_cuda(const at::Tensor& input, const at::Tensor& target, c10:
 at::Tensor mse_loss_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
                                   c10::string_view reduction) {
   const char* op = "mse_loss_backward";
-  check_mse_args(op, input, target, reduction);
+  check_cuda_mse_args(op, input, target, reduction);
   check_same_device(op, "grad_output", grad_output, "input", input);
-  // grad_output: one value (0-d, or any shape holding one element), else input's shape after
-  // broadcasting; the CPU backend's rule (and torch's), and the result always has input's shape.
+  check_mse_grad_output(op, grad_output, input);
   const bool scalar = grad_output.numel() == 1;
-  if (!scalar && grad_output.sizes() != input.sizes()) {
-    TORCH_CHECK_VALUE(at::infer_size(grad_output.sizes(), input.sizes()) == input.sizes(), "fastlin.", op,
-                      ": grad_output must be a scalar or broadcastable to input's shape ", shape_str(input),
-                      ", got shape ", shape_str(grad_output));
-  }
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const at::Tensor y = target.contiguous();

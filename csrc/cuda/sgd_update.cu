@@ -107,9 +107,15 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_multi_kernel(const __grid_con
   }
 }
 
+template <typename P>
+constexpr DType kDTypeOf = std::is_same_v<P, float>           ? DType::F32
+                           : std::is_same_v<P, double>        ? DType::F64
+                           : std::is_same_v<P, __nv_bfloat16> ? DType::BF16
+                                                              : DType::F16;
+
 // Launches the kernel of dtype P over the tensors of that dtype, kSgdMaxTensors at a time.
 template <typename P>
-cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, DType dt, const SgdOpts& opt, int num_sms,
+cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
                          cudaStream_t stream) {
   int i = 0;
   while (i < count) {
@@ -118,7 +124,7 @@ cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, DType dt, const
     int64_t chunks = 0;
     for (; i < count && k < kSgdMaxTensors; ++i) {
       const SgdTensorRef& r = tensors[i];
-      if (r.n <= 0 || r.dt != dt) continue;
+      if (r.n <= 0 || r.dt != kDTypeOf<P>) continue;
       bt.t[k] = r;
       bt.chunk_begin[k] = chunks;
       bt.aligned[k] = aligned16(r.p) && aligned16(r.g) && (r.buf == nullptr || aligned16(r.buf));
@@ -143,10 +149,10 @@ cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdO
                               cudaStream_t stream) {
   // One launch per dtype present (per kSgdMaxTensors tensors of it): a group of one dtype, the
   // usual case, is one launch; launch_dtype launches nothing for a dtype without tensors.
-  cudaError_t err = launch_dtype<float>(tensors, count, DType::F32, opt, num_sms, stream);
-  if (err == cudaSuccess) err = launch_dtype<double>(tensors, count, DType::F64, opt, num_sms, stream);
-  if (err == cudaSuccess) err = launch_dtype<__nv_bfloat16>(tensors, count, DType::BF16, opt, num_sms, stream);
-  if (err == cudaSuccess) err = launch_dtype<__half>(tensors, count, DType::F16, opt, num_sms, stream);
+  cudaError_t err = launch_dtype<float>(tensors, count, opt, num_sms, stream);
+  if (err == cudaSuccess) err = launch_dtype<double>(tensors, count, opt, num_sms, stream);
+  if (err == cudaSuccess) err = launch_dtype<__nv_bfloat16>(tensors, count, opt, num_sms, stream);
+  if (err == cudaSuccess) err = launch_dtype<__half>(tensors, count, opt, num_sms, stream);
   return err;
 }
 

@@ -98,14 +98,14 @@ inline void check_mse_args(const char* op, const at::Tensor& input, const at::Te
   check_shape(op, "target", target, input.sizes(), "(the shape of input; fastlin never broadcasts a target)");
 }
 
-// mse_loss_backward's grad_output: one value (any shape holding one element), else broadcastable to
-// input's shape (torch's rule; the gradient always has input's shape).
+// mse_loss_backward's grad_output: input's dtype and device; one value (any shape holding one
+// element), else broadcastable to input's shape (torch's rule; the gradient always has input's shape).
 inline void check_mse_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
-  if (grad_output.numel() != 1 && grad_output.sizes() != input.sizes()) {
-    TORCH_CHECK_VALUE(at::infer_size(grad_output.sizes(), input.sizes()) == input.sizes(), "fastlin.", op,
-                      ": grad_output must be a scalar or broadcastable to input's shape ", shape_str(input),
-                      ", got shape ", shape_str(grad_output));
-  }
+  check_same_dtype(op, "grad_output", grad_output, "input", input);
+  check_same_device(op, "grad_output", grad_output, "input", input);
+  TORCH_CHECK_VALUE(grad_output.numel() == 1 || at::is_expandable_to(grad_output.sizes(), input.sizes()), "fastlin.",
+                    op, ": grad_output must be a scalar or broadcastable to input's shape ", shape_str(input),
+                    ", got shape ", shape_str(grad_output));
 }
 
 inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

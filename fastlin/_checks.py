@@ -104,6 +104,25 @@ def check_mse_args(op: str, input: torch.Tensor, target: torch.Tensor, reduction
     check_shape(op, "target", target, input.shape, "(the shape of input; fastlin never broadcasts a target)")
 
 
+def check_mse_grad_output(op: str, grad_output: torch.Tensor, input: torch.Tensor) -> None:
+    """input's dtype and device; one value (any shape holding one element), else broadcastable to
+    input's shape (torch's rule; the gradient always has input's shape)."""
+    check_tensor(op, "grad_output", grad_output)
+    check_same_dtype(op, "grad_output", grad_output, "input", input)
+    check_same_device(op, "grad_output", grad_output, "input", input)
+    if grad_output.numel() == 1:
+        return
+    try:
+        ok = torch.broadcast_shapes(grad_output.shape, input.shape) == input.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"fastlin.{op}: grad_output must be a scalar or broadcastable to input's shape "
+            f"{shape_str(input.shape)}, got shape {shape_str(grad_output.shape)}"
+        )
+
+
 def check_sgd_options(
     op: str, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
 ):

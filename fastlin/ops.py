@@ -262,6 +262,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastlin::mse_loss_backward")
     def _(grad_output, input, target, reduction):
         C.check_mse_args("mse_loss_backward", input, target, reduction)
+        C.check_mse_grad_output("mse_loss_backward", grad_output, input)
         return input.new_empty(input.shape)
 
     @torch.library.register_fake("fastlin::linear_mse_loss")

@@ -58,6 +58,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
 
 def mse_loss_backward(grad_output, input, target, reduction: str = "mean") -> torch.Tensor:
     C.check_mse_args("mse_loss_backward", input, target, reduction)
+    C.check_mse_grad_output("mse_loss_backward", grad_output, input)
     a = _acc(input.dtype)
     scale = 2.0 / input.numel() if reduction == "mean" and input.numel() else 2.0
     return ((input.to(a) - target.to(a)) * grad_output.to(a) * scale).to(input.dtype)

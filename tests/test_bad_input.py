@@ -166,6 +166,23 @@ def test_mse_loss_dtype_and_device_mix(backend_device):
         F.mse_loss(x, torch.randn(7, 3, device=other), backend=backend)
 
 
+@pytest.mark.parametrize("shape", [(2,), (7, 2), (2, 7, 3), (7, 3, 1)])
+def test_mse_loss_backward_grad_output_that_does_not_broadcast(backend_device, shape):
+    """A grad_output that does not broadcast to input's shape (or would grow it) is refused with
+    the same message on every backend; one of another dtype or device too."""
+    backend, device = backend_device
+    x, y = torch.randn(7, 3, device=device), torch.randn(7, 3, device=device)
+    with raises(ValueError, "grad_output", "broadcastable to input's shape (7, 3)", str(shape)):
+        fastlin.ops.mse_loss_backward(torch.randn(shape, device=device), x, y, "none", backend=backend)
+    with raises(TypeError, "grad_output", "dtype", F64_NAME):
+        fastlin.ops.mse_loss_backward(
+            torch.randn((), device=device, dtype=torch.float64), x, y, "mean", backend=backend
+        )
+    other = other_device(device)
+    with raises(RuntimeError, "grad_output", "device", other):
+        fastlin.ops.mse_loss_backward(torch.randn(7, 3, device=other), x, y, "none", backend=backend)
+
+
 @pytest.mark.parametrize("target_shape", [(7,), (7, 1, 1), (1, 2), (2, 7)])
 def test_linear_mse_loss_target_shape(backend_device, target_shape):
     backend, device = backend_device

@@ -107,7 +107,8 @@ def test_mse_layouts(kernel_backend_device):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_mse_backward_grad_output(kernel_backend_device, reduction):
     """grad_output: 0-d, an expanded scalar (what sum().backward() sends for "none"), elementwise
-    strided; the result always has input's shape."""
+    strided, or a smaller tensor that broadcasts to input's shape (torch's rule); the result always
+    has input's shape."""
     backend, device = kernel_backend_device
     a, b = torch.randn(50, 33, device=device), torch.randn(50, 33, device=device)
     cases = [("0-d", torch.randn((), device=device))]
@@ -115,6 +116,9 @@ def test_mse_backward_grad_output(kernel_backend_device, reduction):
         cases += [
             ("expanded scalar", torch.randn((), device=device).expand(50, 33)),
             ("expanded row", torch.randn(1, 33, device=device).expand(50, 33)),
+            ("row to broadcast", torch.randn(1, 33, device=device)),
+            ("1-D row to broadcast", torch.randn(33, device=device)),
+            ("column to broadcast", torch.randn(50, 1, device=device)),
             ("transposed", torch.randn(33, 50, device=device).t()),
             ("contiguous", torch.randn(50, 33, device=device)),
         ]

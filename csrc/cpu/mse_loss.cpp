@@ -148,14 +148,10 @@ at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_output, const at::Tensor
                                  c10::string_view reduction) {
   const char* op = "mse_loss_backward";
   check_mse_args(op, input, target, reduction);
-  check_same_dtype(op, "grad_output", grad_output, "input", input);
-  check_same_device(op, "grad_output", grad_output, "input", input);
+  check_mse_grad_output(op, grad_output, input);
   const int64_t n = input.numel();
   auto out = at::empty(input.sizes(), input.options());
   if (n == 0) return out;
-  // grad_output: a scalar (0-d, or any broadcast of one value), else input-shaped after
-  // broadcasting (torch's rule; the result always has input's shape).
-  check_mse_grad_output(op, grad_output, input);
   at::Tensor g = grad_output;
   if (g.sizes() != input.sizes() && g.numel() != 1) g = g.expand(input.sizes());
   bool scalar = g.numel() == 1;

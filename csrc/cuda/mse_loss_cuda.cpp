@@ -46,7 +46,6 @@ at::Tensor mse_loss_backward_cuda(const at::Tensor& grad_output, const at::Tenso
                                   c10::string_view reduction) {
   const char* op = "mse_loss_backward";
   check_cuda_mse_args(op, input, target, reduction);
-  check_same_device(op, "grad_output", grad_output, "input", input);
   check_mse_grad_output(op, grad_output, input);
   const bool scalar = grad_output.numel() == 1;
   const c10::cuda::CUDAGuard guard(input.device());
@@ -55,7 +54,7 @@ at::Tensor mse_loss_backward_cuda(const at::Tensor& grad_output, const at::Tenso
   const int64_t n = x.numel();
   // A scalar grad_output is read on the device in the accumulation dtype (no host sync).
   const at::Tensor go = scalar ? grad_output.reshape({}).to(acc_scalar_type(input.scalar_type())).contiguous()
-                               : grad_output.expand(input.sizes()).to(input.scalar_type()).contiguous();
+                               : grad_output.expand(input.sizes()).contiguous();
   const double scale = reduction == "mean" && n > 0 ? 2.0 / static_cast<double>(n) : 2.0;
   at::Tensor out = at::empty(input.sizes(), x.options());
   C10_CUDA_CHECK(fc::mse_backward_launch(dtype_of(x), x.data_ptr(), y.data_ptr(), go.data_ptr(), scalar, scale,

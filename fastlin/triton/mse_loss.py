@@ -4,7 +4,7 @@
 squared differences of their blocks (fp32 per lane, fp64 for fp64 input) into one partial, then a
 one-program kernel sums the partials in a fixed order (deterministic, no atomics) and divides.
 Backward: grad = (input - target) * grad_output * scale, grad_output read from the device (a 0-d
-tensor, or input-shaped for "none"), never with .item().
+tensor, or broadcast to input's shape), never with .item().
 """
 
 from __future__ import annotations
@@ -139,26 +139,21 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch
 def mse_loss_backward(
     grad_output: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str
 ) -> torch.Tensor:
-    """d loss / d input times grad_output (0-d, or input-shaped for "none"): (input - target) * grad_output
-    * (2 / numel for "mean", else 2)."""
+    """d loss / d input times grad_output (one value, or broadcastable to input's shape):
+    (input - target) * grad_output * (2 / numel for "mean", else 2)."""
     op = "mse_loss_backward"
     C.check_mse_args(op, input, target, reduction)
-    C.check_tensor(op, "grad_output", grad_output)
-    C.check_floating(op, "grad_output", grad_output)
+    C.check_mse_grad_output(op, grad_output, input)
     K.check_devices(op, "input", input, target=target, grad_output=grad_output)
-    elementwise = tuple(grad_output.shape) == tuple(input.shape) and grad_output.numel() != 1
-    if not elementwise and grad_output.numel() != 1:
-        raise ValueError(
-            f"fastlin.{op}: grad_output must be 0-d (one element) or have input's shape "
-            f"{C.shape_str(input.shape)}, got {C.shape_str(grad_output.shape)}"
-        )
+    go_scalar = grad_output.numel() == 1
     n = input.numel()
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if n == 0:
         return out
     scale = 2.0 / n if reduction == "mean" else 2.0
     blk = _block()
-    go = _flat(grad_output)
+    # one value is read on the device; a broadcast grad_output is materialised at input's shape
+    go = _flat(grad_output) if go_scalar else _flat(grad_output.expand(input.shape))
     K.launch(
         _mse_backward_kernel,
         (triton.cdiv(n, blk),),
@@ -168,7 +163,7 @@ def mse_loss_backward(
         out,
         n,
         scale,
-        GO_SCALAR=not elementwise,
+        GO_SCALAR=go_scalar,
         ACC=K.tl_acc(input.dtype),
         BLOCK=blk,
         INTERPRET=K.INTERPRET,

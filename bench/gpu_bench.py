@@ -21,6 +21,7 @@ momentum) against stock torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -283,6 +284,9 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
                 log(f"{case}: update check failed: {type(e).__name__}: {e}")
             warm(cont, case)
             res = measure(cont, ARGS.repeats, ARGS.inner)
+            tuned = triton_tuned()
+            if tuned:
+                log(f"{case}: Triton one-pass autotune picks: {tuned}")
             x_bytes = x.numel() * x.element_size()
             limit = x_bytes / (bw_gbs * 1e9) * 1e3
             rows.append(
@@ -296,6 +300,7 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
                     "limit_ms": limit,
                     "results": res,
                     "update_error": errors,
+                    "triton_tuned": tuned,
                 }
             )
             log(
@@ -308,6 +313,16 @@ def bench_train_step(bw_gbs: float, backends: list, save) -> list:
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def triton_tuned() -> dict:
+    """{autotune key: chosen config} of the Triton one-pass kernel so far (what the timings ran)."""
+    try:
+        from fastlin.triton import _onepass
+
+        return {str(k): str(v) for k, v in getattr(_onepass._onepass_kernel, "cache", {}).items()}
+    except Exception as e:  # the bench must not fail on a Triton internals change
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def bench_extras(bw_gbs: float, backends: list) -> list:
@@ -374,12 +389,71 @@ def bench_sgd_update(bw_gbs: float, backends: list) -> dict:
     warm(cont, "sgd_update_")
     res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
     moved = sum(p.numel() for p in ps) * 4 * 5  # read p, g, buf; write p, buf
-    return {
+    row = {
         "case": f"sgd_update_ {side}x{side} + {side} fp32 momentum (5 passes)",
         "x_bytes": moved,
         "limit_ms": moved / (bw_gbs * 1e9) * 1e3,
         "results": res,
     }
+    try:
+        row["launch_shapes"] = sgd_launch_shapes(ps, gs, bufs, backends)
+    except Exception as e:
+        log(f"sgd_update_ launch shapes failed: {type(e).__name__}: {e}")
+    return row
+
+
+# Launch shapes of the two sgd_update_ kernels, timed side by side (the first of each is the default):
+# cuda: (FASTLIN_CUDA_SGD_CHUNK, FASTLIN_CUDA_SGD_BLOCKS_PER_SM), 0 = even split / one full wave;
+# triton: (sgd_update.BLOCK, sgd_update.NUM_WARPS).
+CUDA_SGD_SHAPES = [(16384, 8), (65536, 8), (4096, 8), (0, 0), (16384, 0), (65536, 0), (0, 2)]
+TRITON_SGD_SHAPES = [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (4096, 4)]
+
+
+@contextlib.contextmanager
+def _sgd_shape(be: str, shape):
+    if be == "cuda":
+        keys = ("FASTLIN_CUDA_SGD_CHUNK", "FASTLIN_CUDA_SGD_BLOCKS_PER_SM")
+        old = [os.environ.get(k) for k in keys]
+        os.environ.update({k: str(v) for k, v in zip(keys, shape)})
+        try:
+            yield
+        finally:
+            for k, v in zip(keys, old):
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    else:
+        from fastlin.triton import sgd_update as TS
+
+        old = (TS.BLOCK, TS.NUM_WARPS)
+        TS.BLOCK, TS.NUM_WARPS = shape
+        try:
+            yield
+        finally:
+            TS.BLOCK, TS.NUM_WARPS = old
+
+
+def sgd_launch_shapes(ps, gs, bufs, backends) -> dict:
+    """{"<backend> <a>/<b>": ms}: sgd_update_ under each launch shape (kernels' results do not
+    depend on it), interleaved like the other contenders."""
+    cont = {}
+    for be, shapes in (("cuda", CUDA_SGD_SHAPES), ("triton", TRITON_SGD_SHAPES)):
+        if be not in backends:
+            continue
+        for shape in shapes:
+
+            def call(be=be, shape=shape):
+                with _sgd_shape(be, shape):
+                    ops.sgd_update_(ps, gs, bufs, 1e-3, 0.9, 0.0, 1e-4, backend=be)
+
+            cont[f"{be} {shape[0]}/{shape[1]}"] = call
+    if not cont:
+        return {}
+    warm(cont, "sgd_update_ launch shapes")
+    res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
+    log("sgd_update_ launch shapes: " + ", ".join(f"{k} {v['median']:.3f} ms" for k, v in res.items()))
+    return {k: v["median"] for k, v in res.items()}
 
 
 def table(rows: list, bw_gbs: float, names: list) -> str:
@@ -415,6 +489,19 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
             else:
                 line += f"{'-':>11}{'-':>13}{'-':>12}"
         lines.append(line)
+    for r in rows:
+        if r.get("launch_shapes"):
+            lines.append("")
+            lines.append(
+                f"{r['case'][:44]}: launch shapes, ms (%BW); cuda chunk/blocks-per-SM (0: even split / "
+                "one wave), triton BLOCK/warps"
+            )
+            lines.append(
+                "  "
+                + ", ".join(
+                    f"{k} {v:.3f} ({100 * r['limit_ms'] / v:.0f}%)" for k, v in r["launch_shapes"].items()
+                )
+            )
     errs = [r for r in rows if r.get("update_error")]
     if errs:
         lines.append("")

@@ -41,6 +41,10 @@ def test_gpu_bench_dry_run(tmp_path):
     assert {"eager", "triton"} <= set(step["results"]), step["results"].keys()
     # every contender's one-step update was checked against float64, and is float32-accurate
     assert step["update_error"] and max(step["update_error"].values()) < 1e-5, step["update_error"]
+    # sgd_update_'s launch shapes were timed (Triton's in the dry run) and are in the table
+    sgd = next(row for case, row in rows.items() if case.startswith("sgd_update_"))
+    assert {"triton 1024/4", "triton 4096/8"} <= set(sgd["launch_shapes"]), sgd.get("launch_shapes")
+    assert "launch shapes" in table and "triton 1024/4" in table
 
 
 def test_gpu_profile_summary(tmp_path, capsys):

@@ -238,6 +238,7 @@ __device__ __forceinline__ void sgd_step(A& p, A g, A& buf, const SgdScalars<A>&
 
 // ---- launch helpers ------------------------------------------------------------------------------
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Kernel launch and dynamic shared memory, spelled so that the CPU emulator can stand in for both.
 // KERNEL must be a plain name (take a pointer first for a template instance).

@@ -202,8 +202,16 @@ struct SgdTensorRef {
   int64_t n = 0;
   DType dt = DType::F32;
 };
+// How the chunks are cut and how many blocks walk them (the kernel's results do not depend on it):
+// chunk: elements per chunk, rounded up to a multiple of 8; 0 = one contiguous range per block (the
+// batch's elements split evenly over the grid, rounded up to 4096). blocks_per_sm: grid = SMs x
+// this (never more blocks than chunks); 0 = the kernel's occupancy, one full wave of resident blocks.
+struct SgdLaunchCfg {
+  int64_t chunk = 16384;
+  int blocks_per_sm = 8;
+};
 cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
-                              cudaStream_t stream);
+                              cudaStream_t stream, const SgdLaunchCfg& cfg = SgdLaunchCfg());
 
 }  // namespace cuda
 }  // namespace fastlin

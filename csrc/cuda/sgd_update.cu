@@ -3,10 +3,12 @@
 //
 // The tensor list travels by value as a __grid_constant__ kernel parameter (pointers, sizes,
 // dtypes and a prefix sum of chunk counts; under 4 KB), so there is no host-to-device copy and the
-// launch can be captured in a CUDA graph. Each tensor is cut into chunks of kChunk elements; the
-// blocks walk the chunks of all tensors in a grid-stride loop, find their tensor by binary search
-// in the prefix sums, and update the chunk with 16-byte accesses when the tensor's three pointers
-// are aligned (chunk starts are multiples of 8 elements, so they stay aligned), else element-wise.
+// launch can be captured in a CUDA graph. Each tensor is cut into chunks (SgdLaunchCfg: 16384
+// elements by default); the blocks walk the chunks of all tensors in a grid-stride loop, find their
+// tensor by binary search in the prefix sums, and update the chunk with 16-byte accesses when the
+// tensor's three pointers are aligned (chunk starts are multiples of 8 elements, so they stay
+// aligned), else element-wise. The cut and the grid change which block updates an element, never
+// how: every element's update is the same arithmetic whatever the configuration.
 #include "common.cuh"
 
 namespace fastlin {
@@ -14,14 +16,14 @@ namespace cuda {
 namespace {
 
 constexpr int kSgdThreads = 256;
-constexpr int64_t kChunk = 16384;  // elements per chunk; a multiple of every vector width
-constexpr int kIlp = 4;            // vectors per thread in flight in the main loop
+constexpr int kIlp = 4;  // vectors per thread in flight in the main loop
 
 struct SgdBatch {
   SgdTensorRef t[kSgdMaxTensors];
   int64_t chunk_begin[kSgdMaxTensors + 1];  // chunk_begin[i]: first global chunk of tensor i
   int aligned[kSgdMaxTensors];              // p, g (and buf) 16-byte aligned
   int count;
+  int64_t chunk;  // elements per chunk: a positive multiple of 8 (every vector width)
 };
 static_assert(sizeof(SgdBatch) + sizeof(SgdOpts) <= 4000, "kernel parameters must stay under 4 KB");
 
@@ -101,8 +103,8 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_multi_kernel(const __grid_con
       }
     }
     const SgdTensorRef& r = bt.t[lo];
-    const int64_t begin = (c - bt.chunk_begin[lo]) * kChunk;
-    const int64_t end = begin + kChunk < r.n ? begin + kChunk : r.n;
+    const int64_t begin = (c - bt.chunk_begin[lo]) * bt.chunk;
+    const int64_t end = begin + bt.chunk < r.n ? begin + bt.chunk : r.n;
     sgd_chunk<P>(r, bt.aligned[lo] != 0, begin, end, opt);
   }
 }
@@ -116,25 +118,40 @@ constexpr DType kDTypeOf = std::is_same_v<P, float>           ? DType::F32
 // Launches the kernel of dtype P over the tensors of that dtype, kSgdMaxTensors at a time.
 template <typename P>
 cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
-                         cudaStream_t stream) {
+                         const SgdLaunchCfg& cfg, cudaStream_t stream) {
+  int per_sm = cfg.blocks_per_sm;
+  if (per_sm <= 0) {  // one full wave of resident blocks
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sgd_multi_kernel<P>, kSgdThreads, 0) != cudaSuccess ||
+        per_sm <= 0) {
+      (void)cudaGetLastError();
+      per_sm = 1;
+    }
+  }
+  const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * per_sm;
   int i = 0;
   while (i < count) {
     SgdBatch bt{};
     int k = 0;
-    int64_t chunks = 0;
+    int64_t elems = 0;
     for (; i < count && k < kSgdMaxTensors; ++i) {
       const SgdTensorRef& r = tensors[i];
       if (r.n <= 0 || r.dt != kDTypeOf<P>) continue;
       bt.t[k] = r;
-      bt.chunk_begin[k] = chunks;
       bt.aligned[k] = aligned16(r.p) && aligned16(r.g) && (r.buf == nullptr || aligned16(r.buf));
-      chunks += ceil_div(r.n, kChunk);
+      elems += r.n;
       ++k;
     }
     if (k == 0) break;  // no tensor of this dtype was left
+    // chunk 0: the batch split evenly over the grid (a tensor smaller than that is one chunk)
+    const int64_t chunk = cfg.chunk > 0 ? round_up(cfg.chunk, 8) : round_up(ceil_div(elems, cap), 4096);
+    int64_t chunks = 0;
+    for (int j = 0; j < k; ++j) {
+      bt.chunk_begin[j] = chunks;
+      chunks += ceil_div(bt.t[j].n, chunk);
+    }
     bt.chunk_begin[k] = chunks;
     bt.count = k;
-    const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * 8;
+    bt.chunk = chunk;
     const unsigned blocks = static_cast<unsigned>(chunks < cap ? chunks : cap);
     FASTLIN_LAUNCH(sgd_multi_kernel<P>, blocks, kSgdThreads, 0, stream, bt, opt);
     const cudaError_t err = cudaGetLastError();
@@ -146,13 +163,13 @@ cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, const SgdOpts& 
 }  // namespace
 
 cudaError_t sgd_update_launch(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, const SgdLaunchCfg& cfg) {
   // One launch per dtype present (per kSgdMaxTensors tensors of it): a group of one dtype, the
   // usual case, is one launch; launch_dtype launches nothing for a dtype without tensors.
-  cudaError_t err = launch_dtype<float>(tensors, count, opt, num_sms, stream);
-  if (err == cudaSuccess) err = launch_dtype<double>(tensors, count, opt, num_sms, stream);
-  if (err == cudaSuccess) err = launch_dtype<__nv_bfloat16>(tensors, count, opt, num_sms, stream);
-  if (err == cudaSuccess) err = launch_dtype<__half>(tensors, count, opt, num_sms, stream);
+  cudaError_t err = launch_dtype<float>(tensors, count, opt, num_sms, cfg, stream);
+  if (err == cudaSuccess) err = launch_dtype<double>(tensors, count, opt, num_sms, cfg, stream);
+  if (err == cudaSuccess) err = launch_dtype<__nv_bfloat16>(tensors, count, opt, num_sms, cfg, stream);
+  if (err == cudaSuccess) err = launch_dtype<__half>(tensors, count, opt, num_sms, cfg, stream);
   return err;
 }
 

@@ -4,6 +4,8 @@
 // back afterwards (both stream-ordered, no host sync).
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,6 +18,27 @@ namespace {
 namespace fc = ::fastlin::cuda;
 using namespace ::fastlin::cuda_glue;
 
+// An integer >= 0 from the environment variable `name`, or `fallback` when it is unset or empty.
+int64_t env_count(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && n >= 0 && n <= (1LL << 40), "fastlin.sgd_update_: ", name,
+                    " must be an integer >= 0, got '", v, "'");
+  return n;
+}
+
+// The multi-tensor kernel's launch shape: the defaults of SgdLaunchCfg, or the environment's
+// FASTLIN_CUDA_SGD_CHUNK / FASTLIN_CUDA_SGD_BLOCKS_PER_SM (0 = even split / one full wave; read at
+// each call, so bench/gpu_bench.py can compare shapes in one process). Results do not depend on it.
+fc::SgdLaunchCfg sgd_launch_cfg() {
+  fc::SgdLaunchCfg c;
+  c.chunk = env_count("FASTLIN_CUDA_SGD_CHUNK", c.chunk);
+  c.blocks_per_sm = static_cast<int>(std::min<int64_t>(env_count("FASTLIN_CUDA_SGD_BLOCKS_PER_SM", c.blocks_per_sm), 64));
+  return c;
+}
+
 void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr, double momentum,
                      double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step) {
   const char* op = "sgd_update_";
@@ -25,6 +48,7 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                     ": momentum_buffers must be empty when momentum == 0, else one per parameter (", params.size(),
                     "), got ", bufs.size());
   if (params.empty()) return;
+  const fc::SgdLaunchCfg cfg = sgd_launch_cfg();
   // Every check before the first launch: a failed check leaves every tensor as it was.
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string pi = "params[" + std::to_string(i) + "]";
@@ -80,7 +104,7 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   o.nesterov = nesterov ? 1 : 0;
   o.maximize = maximize ? 1 : 0;
   o.first_step = first_step ? 1 : 0;
-  C10_CUDA_CHECK(fc::sgd_update_launch(refs.data(), static_cast<int>(refs.size()), o, num_sms(), current_stream()));
+  C10_CUDA_CHECK(fc::sgd_update_launch(refs.data(), static_cast<int>(refs.size()), o, num_sms(), current_stream(), cfg));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (auto& wb : write_back) wb.first.copy_(wb.second);
 }

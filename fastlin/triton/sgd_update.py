@@ -18,7 +18,10 @@ from fastlin.triton import _common as K
 from fastlin.triton._common import cast_out, scalar
 
 SLOTS = 8
+# Elements per program and warps per program; module settings read at each launch (bench/gpu_bench.py
+# compares a few). BLOCK must be a power of two; the interpreter uses 4096 (fewer, bigger programs).
 BLOCK = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -146,7 +149,7 @@ def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, m
         ACC=K.tl_acc(ps[0].dtype),
         BLOCK=blk,
         INTERPRET=K.INTERPRET,
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
 
 

@@ -802,7 +802,8 @@ struct AnyTensor {
 };
 
 template <typename P>
-void sgd_case(const std::vector<int64_t>& sizes, const Sgd& o, bool first, std::mt19937_64& rng, const std::string& tag) {
+void sgd_case(const std::vector<int64_t>& sizes, const Sgd& o, bool first, std::mt19937_64& rng, const std::string& tag,
+              const fc::SgdLaunchCfg& cfg = fc::SgdLaunchCfg()) {
   std::normal_distribution<double> nd;
   std::vector<avec<P>> ps, gs, bs;
   std::vector<std::vector<double>> rps, rbs;
@@ -854,7 +855,7 @@ void sgd_case(const std::vector<int64_t>& sizes, const Sgd& o, bool first, std::
   so.nesterov = o.nesterov;
   so.maximize = o.maximize;
   so.first_step = first;
-  ok_or_die(fc::sgd_update_launch(refs.data(), static_cast<int>(refs.size()), so, kSms, nullptr), "sgd");
+  ok_or_die(fc::sgd_update_launch(refs.data(), static_cast<int>(refs.size()), so, kSms, nullptr, cfg), "sgd");
   std::vector<double> outp, outb, refp, refb;
   for (size_t k = 0; k < sizes.size(); ++k) {
     const size_t mis = k % 3 == 2 ? 1 : 0;
@@ -917,6 +918,15 @@ void run_sgd_cases(std::mt19937_64& rng) {
     sgd_case<__nv_bfloat16>(sizes, {0.1, 0.0, 0.0, 0.0, false, false}, first, rng, "sgd bf16 plain");
     sgd_case<__half>(sizes, {0.1, 0.5, 0.0, 0.1, false, false}, first, rng, "sgd f16 m wd");
     sgd_case<float>(many, {0.1, 0.9, 0.0, 0.0, false, false}, first, rng, "sgd f32 70 tensors");
+  }
+  // Other launch shapes (SgdLaunchCfg): chunks of 24 and 4096 elements over one block per SM, the
+  // even split over one wave (chunk 0, occupancy), and a 9-element chunk (rounded up to 16).
+  const fc::SgdLaunchCfg shapes[] = {{24, 1}, {4096, 1}, {0, 0}, {9, 3}};
+  for (const auto& c : shapes) {
+    const std::string t = " chunk=" + std::to_string(c.chunk) + " per_sm=" + std::to_string(c.blocks_per_sm);
+    sgd_case<float>(sizes, {0.1, 0.9, 0.1, 0.01, false, false}, false, rng, "sgd f32 m" + t, c);
+    sgd_case<__nv_bfloat16>(sizes, {0.1, 0.5, 0.0, 0.1, true, false}, false, rng, "sgd bf16 nesterov" + t, c);
+    sgd_case<float>(many, {0.1, 0.0, 0.0, 0.0, false, true}, true, rng, "sgd f32 70 tensors maximize" + t, c);
   }
 }
 

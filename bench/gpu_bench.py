@@ -180,6 +180,10 @@ def step_contenders(N, D, O, dtype, backends):
             return ops.train_step(x, y, w, b, lr=lr, backend=be)
 
         out[be] = fused
+        if be == "triton" and O <= 4:
+            # the persistent grid: PROGRAMS_PER_SM programs per SM (default 2), a few others beside it
+            for pps in (1, 3, 4):
+                out[f"triton:pps{pps}"] = functools.partial(_with_programs, pps, fused)
         if be == "triton" and O > 4:
             # the tl.dot path: the default "ieee" fp32 and the tensor-core precisions, side by side
             for prec in ("tf32x3", "tf32"):
@@ -193,6 +197,17 @@ def _with_precision(prec, fn):
         return fn()
     finally:
         fastlin.triton.set_input_precision(None)  # back to following torch's setting
+
+
+def _with_programs(pps, fn):
+    from fastlin.triton import _common
+
+    old = _common.PROGRAMS_PER_SM
+    _common.PROGRAMS_PER_SM = pps
+    try:
+        return fn()
+    finally:
+        _common.PROGRAMS_PER_SM = old
 
 
 def update_errors(x, y, names) -> dict:
@@ -456,6 +471,11 @@ def sgd_launch_shapes(ps, gs, bufs, backends) -> dict:
     return {k: v["median"] for k, v in res.items()}
 
 
+def variant_names(rows: list, names: list) -> list:
+    """Result names that are variants of a contender listed under the table, not as columns."""
+    return sorted({n for r in rows for n in r["results"] if ":pps" in n})
+
+
 def table(rows: list, bw_gbs: float, names: list) -> str:
     """One line per case: each contender's ms, % of copy bandwidth (limit / time), speed-ups."""
     wid = {n: max(10, len(n) + 2) for n in names}
@@ -489,6 +509,17 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
             else:
                 line += f"{'-':>11}{'-':>13}{'-':>12}"
         lines.append(line)
+    variants = variant_names(rows, names)
+    for r in rows:
+        vs = [v for v in variants if v in r["results"]]
+        if vs:
+            base = r["results"].get(vs[0].split(":")[0], {}).get("median")
+            medians = [(v, r["results"][v]["median"]) for v in vs]
+            lines.append(
+                f"  {r['case'][:44]} variants, ms (%BW): "
+                + ", ".join(f"{v} {ms:.3f} ({100 * r['limit_ms'] / ms:.0f}%)" for v, ms in medians)
+                + (f"; default {base:.3f}" if base else "")
+            )
     for r in rows:
         if r.get("launch_shapes"):
             lines.append("")
@@ -548,7 +579,9 @@ def main() -> int:
     }
 
     def save(rows) -> str:
-        extra = sorted({n for r in rows for n in r["results"]} - set(names))
+        # columns: the contenders, torch's fused SGD and the tl.dot precisions; other variants
+        # (e.g. triton:pps3) are listed under the table
+        extra = sorted({n for r in rows for n in r["results"]} - set(names) - set(variant_names(rows, names)))
         text = table(rows, bw, names + extra)
         if jpath:
             with open(jpath, "w") as f:

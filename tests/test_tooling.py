@@ -45,6 +45,8 @@ def test_gpu_bench_dry_run(tmp_path):
     sgd = next(row for case, row in rows.items() if case.startswith("sgd_update_"))
     assert {"triton 1024/4", "triton 4096/8"} <= set(sgd["launch_shapes"]), sgd.get("launch_shapes")
     assert "launch shapes" in table and "triton 1024/4" in table
+    # the Triton programs-per-SM variants of the O = 1 steps are timed and listed under the table
+    assert "triton:pps3" in step["results"] and "variants" in table
 
 
 def test_gpu_profile_summary(tmp_path, capsys):

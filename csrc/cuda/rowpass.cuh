@@ -48,9 +48,11 @@ struct RowCfg {
   static constexpr int min3(int a, int b, int c) { return a < b ? (a < c ? a : c) : (b < c ? b : c); }
   static constexpr int RB0 = min3(kPacked ? 8 : 4, 32 / kXRegs, 16 / (OT * kWA));
   static constexpr int RB = RB0 < 1 ? 1 : RB0;
-  // Packed kernels with one vector per row and O = 1 (bf16 rows of up to 256): two resident
-  // blocks per SM (<= 128 registers), else the doubled RB would only halve the occupancy.
-  static constexpr int kMinBlocks = kPacked && KMAX == 1 && OT == 1 ? 2 : 1;
+  // One output, 16-byte loads, at most 32 accumulator registers (the train-step kernels of float32
+  // rows up to 1024 and bf16/fp16 rows up to 512): two resident blocks per SM, so at most 128
+  // registers. ptxas fits all of them without spills; uncapped, the whole-iteration fast path
+  // took 135 registers in the float32 D = 256 kernel, one block per SM.
+  static constexpr int kMinBlocks = OT == 1 && VEC > 1 && kAccRegs <= 32 ? 2 : 1;
   static constexpr size_t kSmem = static_cast<size_t>(OT * DW + BS) * sizeof(A) + 2 * sizeof(double);
   static_assert(!kFits || kSmem <= 48 * 1024, "row pass shared memory must fit the default 48 KB");
   static_assert((OT * DW + BS) * sizeof(A) % 16 == 0, "the float64 slots after W and b must be aligned");
@@ -138,22 +140,55 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
   }
   double lsum = 0.0, wsum = 0.0;
 
-  const int64_t step = static_cast<int64_t>(kRowWarps) * RB * S;
-  // The loop bounds depend on the warp only, so every lane runs the same iterations (shuffles).
-  for (int64_t base = r_begin + static_cast<int64_t>(warp) * RB * S; base < r_end; base += step) {
+  // One iteration: RB rows per row group from `base`. kFull (std::true_type): all of them exist
+  // and are contiguous (no gather), so rows and addresses are affine in rb and need no checks:
+  // the common case, compiled without the per-row validity and gather branches (in the bf16
+  // kernel those were a third of the loop's instructions, and the packed kernels are
+  // issue-bound). Otherwise (std::false_type) every row is checked and may be gathered.
+  // bytes between a group's consecutive rows of x and of y / g (addresses as integers: x or y may
+  // be null when unused, and no pointer arithmetic is done on a null pointer)
+  const uintptr_t xs = static_cast<uintptr_t>(S * a.ldx) * sizeof(T);
+  const uintptr_t ys = static_cast<uintptr_t>(S * ss0) * sizeof(T);
+  auto iteration = [&](int64_t base, auto full) {
+    constexpr bool kFull = decltype(full)::value;
     bool valid[RB];
     int64_t row[RB];
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
       const int64_t r = base + rb * S + sub;
-      valid[rb] = r < r_end;
-      row[rb] = !valid[rb] ? 0 : (a.rows != nullptr ? a.rows[r] : a.row0 + r);
+      if constexpr (kFull) {
+        valid[rb] = true;
+        row[rb] = a.row0 + r;
+      } else {
+        valid[rb] = r < r_end;
+        row[rb] = !valid[rb] ? 0 : (a.rows != nullptr ? a.rows[r] : a.row0 + r);
+      }
     }
+    // The start of row rb of x and of y / g. kFull: the first row's address plus rb strides, by
+    // additions (the compiler kept a 64-bit multiply per row for rb * stride).
+    uintptr_t xa[RB], ya[RB];
+    if constexpr (kFull) {
+      xa[0] = reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>((a.row0 + base + sub) * a.ldx) * sizeof(T);
+      ya[0] = reinterpret_cast<uintptr_t>(ysrc) + static_cast<uintptr_t>((a.row0 + base + sub) * ss0) * sizeof(T);
+#pragma unroll
+      for (int rb = 1; rb < RB; ++rb) {
+        xa[rb] = xa[rb - 1] + xs;
+        ya[rb] = ya[rb - 1] + ys;
+      }
+    } else {
+#pragma unroll
+      for (int rb = 0; rb < RB; ++rb) {
+        xa[rb] = reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>(row[rb] * a.ldx) * sizeof(T);
+        ya[rb] = reinterpret_cast<uintptr_t>(ysrc) + static_cast<uintptr_t>(row[rb] * ss0) * sizeof(T);
+      }
+    }
+    auto x_row = [&](int rb) { return reinterpret_cast<const T*>(xa[rb]); };
+    auto s_row = [&](int rb) { return reinterpret_cast<const T*>(ya[rb]); };
 
     // All loads of the iteration first: RB * kc vectors of x, then y or g, then the sample weights.
     // x is kept widened (xv) or packed (xr, kPacked), the other array has one unused element.
-    A xv[C::kPacked ? 1 : RB][C::kPacked ? 1 : KMAX][VEC];
-    uint4 xr[C::kPacked ? RB : 1][C::kPacked ? KMAX : 1];
+    [[maybe_unused]] A xv[C::kPacked ? 1 : RB][C::kPacked ? 1 : KMAX][VEC];
+    [[maybe_unused]] uint4 xr[C::kPacked ? RB : 1][C::kPacked ? KMAX : 1];
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
@@ -161,10 +196,10 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
         const int v = cl + L * k;
         const bool live = load_x && valid[rb] && k < kc && v < nvec;
         if constexpr (C::kPacked) {
-          xr[rb][k] = live ? __ldcs(reinterpret_cast<const uint4*>(x + row[rb] * a.ldx + static_cast<int64_t>(v) * VEC))
+          xr[rb][k] = live ? __ldcs(reinterpret_cast<const uint4*>(x_row(rb) + static_cast<int64_t>(v) * VEC))
                            : make_uint4(0, 0, 0, 0);  // zero bits: +0.0
         } else if (live) {
-          ldcs_vec<T, VEC>(x + row[rb] * a.ldx + static_cast<int64_t>(v) * VEC, xv[rb][k]);
+          ldcs_vec<T, VEC>(x_row(rb) + static_cast<int64_t>(v) * VEC, xv[rb][k]);
         } else {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) xv[rb][k][j] = A(0);
@@ -185,7 +220,7 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
     for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
       for (int o = 0; o < OT; ++o) {
-        sv[rb][o] = (ysrc != nullptr && valid[rb] && o < O) ? ldg_acc(ysrc + row[rb] * ss0 + o * ss1) : A(0);
+        sv[rb][o] = (ysrc != nullptr && valid[rb] && o < O) ? ldg_acc(s_row(rb) + o * ss1) : A(0);
       }
     }
     A swv[RB];
@@ -225,13 +260,20 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
       }
       // Butterfly over the L lanes of each row group (xor offsets < L stay inside the group); IEEE
       // addition is commutative, so every lane of the group ends with the same bits.
-      for (int off = L >> 1; off > 0; off >>= 1) {
+      // (Unrolled over the five possible offsets; `off < L` is uniform over the warp.)
 #pragma unroll
-        for (int rb = 0; rb < RB; ++rb)
+      for (int off = 16; off > 0; off >>= 1) {
+        if (off < L) {
 #pragma unroll
-          for (int o = 0; o < OT; ++o)
-            if (o < O) dt[rb][o] += __shfl_xor_sync(kFullMask, dt[rb][o], off);
+          for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+            for (int o = 0; o < OT; ++o)
+              if (o < O) dt[rb][o] += __shfl_xor_sync(kFullMask, dt[rb][o], off);
+        }
       }
+      // The iteration's loss and weight terms are summed in A, then added to the float64 totals
+      // once (a float64 conversion and add per row were a tenth of the packed kernels' loop).
+      A lit = A(0), wit = A(0);
 #pragma unroll
       for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
@@ -241,9 +283,13 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
           if (y_out != nullptr && live && (o & (L - 1)) == cl) y_out[row[rb] * O + o] = from_acc<T>(pred);
           const A r = live ? pred - sv[rb][o] : A(0);
           rw[rb][o] = live ? r * swv[rb] : A(0);
-          if (acc_loss && keeper && live) lsum += static_cast<double>(rw[rb][o]) * static_cast<double>(r);
+          lit = fma(rw[rb][o], r, lit);
         }
-        if (acc_loss && keeper && valid[rb]) wsum += static_cast<double>(swv[rb]);
+        if (valid[rb]) wit += swv[rb];
+      }
+      if (acc_loss && keeper) {
+        lsum += static_cast<double>(lit);
+        wsum += static_cast<double>(wit);
       }
     } else {
 #pragma unroll
@@ -312,7 +358,18 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
         }
       }
     }
+  };
+
+  // The loop bounds depend on the warp only, so every lane runs the same iterations (shuffles):
+  // whole contiguous iterations first, then the rest (the range's last rows, or gathered rows).
+  const int64_t step = static_cast<int64_t>(kRowWarps) * RB * S;
+  int64_t base = r_begin + static_cast<int64_t>(warp) * RB * S;
+  if constexpr (OT == 1) {  // (with more outputs the per-row overhead is shared by more work)
+    if (a.rows == nullptr) {
+      for (; base + RB * S <= r_end; base += step) iteration(base, std::true_type());
+    }
   }
+  for (; base < r_end; base += step) iteration(base, std::false_type());
 
   if (!(acc_w || acc_b || acc_loss)) return;  // uniform over the grid
 

@@ -27,6 +27,8 @@ FORMS = [
     (300, 15, 33),
     (4, 300, 200),
     (130, 129, 130),
+    (130, 300, 1),  # one output, rows wider than a grad_weight tile: whole tiles + a remainder on every ISA
+    (50, 1, 300),  # the transposed grad_weight with one input column and many tiles
 ]
 
 

@@ -358,8 +358,41 @@ template <Fmt F> void tn(const TnArgs& p) {
     }
     return;
   }
-  constexpr int K = kTnK;
   const int64_t chunks = (p.vdim + W - 1) / W;
+  if (p.kdim == 1) {
+    // One output (grad_weight of O = 1): K = 1 and up to kRegVecs vectors of the row per tile, so
+    // rows of up to 256 float32 (avx512) stream through in one sequential pass (the K x 4 tiles
+    // read each 128-row block four times, 64 columns at a time, and did K - 1 FMAs on padding).
+    constexpr int CW = kRegVecs;
+    for (int64_t n0 = 0; n0 < p.rows; n0 += kTnRows) {
+      const int64_t nr = p.rows - n0 < kTnRows ? p.rows - n0 : kTnRows;
+      for (int64_t c0 = 0; c0 < chunks; c0 += CW) {
+        Acc* bsum_bc = bsum && !p.bias_from_vec && c0 == 0 ? bsum : nullptr;
+        Acc* bsum_vec = bsum && p.bias_from_vec ? bsum + c0 * W : nullptr;
+        const Elem* bcp = bc + n0 * p.ldbc;
+        const Elem* vp = vec + n0 * p.ldvec + c0 * W;
+        Acc* pp = part + c0 * W;
+        const int64_t vl = p.vdim - c0 * W;
+        if (chunks - c0 >= CW) {
+          tn_tile<F, 1, CW>(bcp, p.ldbc, vp, p.ldvec, nr, 1, vl, pp, p.ldp, bsum_bc, bsum_vec);
+        } else {  // the last vectors of the row: at most 4 at a time (no FMAs on absent columns)
+          for (int64_t c1 = c0; c1 < chunks; c1 += 4) {
+            const int64_t off = (c1 - c0) * W;
+            Acc* bv = bsum_vec ? bsum_vec + off : nullptr;
+            switch (chunks - c1 < 4 ? chunks - c1 : 4) {
+              case 1: tn_tile<F, 1, 1>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
+              case 2: tn_tile<F, 1, 2>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
+              case 3: tn_tile<F, 1, 3>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
+              default: tn_tile<F, 1, 4>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
+            }
+            bsum_bc = nullptr;  // grad_bias once per row block
+          }
+        }
+      }
+    }
+    return;
+  }
+  constexpr int K = kTnK;
   for (int64_t n0 = 0; n0 < p.rows; n0 += kTnRows) {
     const int64_t nr = p.rows - n0 < kTnRows ? p.rows - n0 : kTnRows;
     for (int64_t k0 = 0; k0 < p.kdim; k0 += K) {

@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(kRowThreads, RowCfg<T, VEC, OT, KMAX>::kMinBlo
   // the common case, compiled without the per-row validity and gather branches (in the bf16
   // kernel those were a third of the loop's instructions, and the packed kernels are
   // issue-bound). Otherwise (std::false_type) every row is checked and may be gathered.
-  // bytes between a group's consecutive rows of x and of y / g (addresses as integers: x or y may
-  // be null when unused, and no pointer arithmetic is done on a null pointer)
+  // xs, ys: bytes between a group's consecutive rows of x and of y / g. Addresses are kept as
+  // integers: x or y may be null when unused, and no pointer arithmetic is done on a null pointer.
   const uintptr_t xs = static_cast<uintptr_t>(S * a.ldx) * sizeof(T);
   const uintptr_t ys = static_cast<uintptr_t>(S * ss0) * sizeof(T);
   auto iteration = [&](int64_t base, auto full) {

@@ -12,7 +12,8 @@
 #                      on 2 busy cores);
 #          --no-emu    skip step 3;
 #          --bench     run the harness with --bench (on a GPU: train_step vs copy bandwidth);
-#          --glue      also syntax-check the tensor glue (csrc/cuda/*.cpp) with g++ against the torch
+#          --glue      also compile the tensor glue (csrc/cuda/*.cpp; -O0, no object kept: unlike a
+#                      syntax check this runs the flow warnings, e.g. -Winfinite-recursion) with g++ against the torch
 #                      headers of the python3 on PATH (a CPU torch will do: c10/cuda's generated
 #                      macro header is stubbed).
 #          --torch-include=DIR
@@ -139,16 +140,16 @@ if [ "$glue" = 1 ]; then
     isys=(-isystem "$out/stubs")
   fi
   for d in $inc "$pyinc" "$CUDA_ROOT/include"; do isys+=(-isystem "$d"); done
-  common=(-fsyntax-only -std=c++17 -Wno-unknown-pragmas -Wno-psabi "${isys[@]}" -Icsrc
+  common=(-std=c++17 -Wno-unknown-pragmas -Wno-psabi "${isys[@]}" -Icsrc
     -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
     -DPy_LIMITED_API=0x03090000 -DFASTLIN_WITH_CUDA=1)
   for src in csrc/cuda/*.cpp; do
-    g++ "${common[@]}" -Wall -Wextra -Werror "$src"
+    g++ "${common[@]}" -c -O0 -o /dev/null -Wall -Wextra -Werror "$src"
     echo "glue ok: $src"
   done
   if [ -n "$torch_inc" ]; then  # the CPU sources with the build's own flags (setup.py), in parallel
     printf '%s\n' csrc/ops.cpp csrc/cpu/*.cpp | xargs -P "$JOBS" -I{} sh -c \
-      'g++ "$@" -fopenmp -Wall {} && echo "ok against $0: {}"' "$torch_inc" "${common[@]}"
+      'g++ "$@" -fsyntax-only -fopenmp -Wall {} && echo "ok against $0: {}"' "$torch_inc" "${common[@]}"
   fi
 fi
 

@@ -14,7 +14,7 @@ using namespace ::fastlin::cuda_glue;
 
 void check_cuda_mse_args(const char* op, const at::Tensor& input, const at::Tensor& target,
                          c10::string_view reduction) {
-  check_cuda_mse_args(op, input, target, reduction);
+  check_mse_args(op, input, target, reduction);
   check_cuda(op, "input", input);
 }
 

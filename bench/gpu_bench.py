@@ -21,7 +21,6 @@ momentum) against stock torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -29,6 +28,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 
 def parse():
@@ -202,12 +202,8 @@ def _with_precision(prec, fn):
 def _with_programs(pps, fn):
     from fastlin.triton import _common
 
-    old = _common.PROGRAMS_PER_SM
-    _common.PROGRAMS_PER_SM = pps
-    try:
+    with mock.patch.object(_common, "PROGRAMS_PER_SM", pps):
         return fn()
-    finally:
-        _common.PROGRAMS_PER_SM = old
 
 
 def update_errors(x, y, names) -> dict:
@@ -424,29 +420,16 @@ CUDA_SGD_SHAPES = [(16384, 8), (65536, 8), (4096, 8), (0, 0), (16384, 0), (65536
 TRITON_SGD_SHAPES = [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (4096, 4)]
 
 
-@contextlib.contextmanager
 def _sgd_shape(be: str, shape):
+    """A context in which backend ``be``'s sgd_update_ kernel launches with ``shape``."""
     if be == "cuda":
-        keys = ("FASTLIN_CUDA_SGD_CHUNK", "FASTLIN_CUDA_SGD_BLOCKS_PER_SM")
-        old = [os.environ.get(k) for k in keys]
-        os.environ.update({k: str(v) for k, v in zip(keys, shape)})
-        try:
-            yield
-        finally:
-            for k, v in zip(keys, old):
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    else:
-        from fastlin.triton import sgd_update as TS
+        a, b = shape
+        return mock.patch.dict(
+            os.environ, {"FASTLIN_CUDA_SGD_CHUNK": str(a), "FASTLIN_CUDA_SGD_BLOCKS_PER_SM": str(b)}
+        )
+    from fastlin.triton import sgd_update as TS
 
-        old = (TS.BLOCK, TS.NUM_WARPS)
-        TS.BLOCK, TS.NUM_WARPS = shape
-        try:
-            yield
-        finally:
-            TS.BLOCK, TS.NUM_WARPS = old
+    return mock.patch.multiple(TS, BLOCK=shape[0], NUM_WARPS=shape[1])
 
 
 def sgd_launch_shapes(ps, gs, bufs, backends) -> dict:

@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 #include "checks.h"
@@ -28,6 +29,19 @@ inline fc::DType dtype_of(const at::Tensor& t) {
     case at::kHalf: return fc::DType::F16;
     default: TORCH_CHECK_TYPE(false, "fastlin (CUDA): unsupported dtype ", t.scalar_type());
   }
+}
+
+// A tuning knob from the environment (read at each call, so benches and tests can change it in one
+// process): the integer >= 0 in variable `name`, or `fallback` when it is unset or empty; anything
+// else raises, naming op and variable.
+inline int64_t env_count(const char* op, const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && n >= 0 && n <= (1LL << 40), "fastlin.", op, ": ", name,
+                    " must be an integer >= 0, got '", v, "'");
+  return n;
 }
 
 // Accumulation dtype: float64 for float64, else float32.

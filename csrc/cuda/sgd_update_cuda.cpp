@@ -5,7 +5,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,24 +17,14 @@ namespace {
 namespace fc = ::fastlin::cuda;
 using namespace ::fastlin::cuda_glue;
 
-// An integer >= 0 from the environment variable `name`, or `fallback` when it is unset or empty.
-int64_t env_count(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && n >= 0 && n <= (1LL << 40), "fastlin.sgd_update_: ", name,
-                    " must be an integer >= 0, got '", v, "'");
-  return n;
-}
-
 // The multi-tensor kernel's launch shape: the defaults of SgdLaunchCfg, or the environment's
 // FASTLIN_CUDA_SGD_CHUNK / FASTLIN_CUDA_SGD_BLOCKS_PER_SM (0 = even split / one full wave; read at
 // each call, so bench/gpu_bench.py can compare shapes in one process). Results do not depend on it.
 fc::SgdLaunchCfg sgd_launch_cfg() {
   fc::SgdLaunchCfg c;
-  c.chunk = env_count("FASTLIN_CUDA_SGD_CHUNK", c.chunk);
-  c.blocks_per_sm = static_cast<int>(std::min<int64_t>(env_count("FASTLIN_CUDA_SGD_BLOCKS_PER_SM", c.blocks_per_sm), 64));
+  c.chunk = env_count("sgd_update_", "FASTLIN_CUDA_SGD_CHUNK", c.chunk);
+  c.blocks_per_sm =
+      static_cast<int>(std::min<int64_t>(env_count("sgd_update_", "FASTLIN_CUDA_SGD_BLOCKS_PER_SM", c.blocks_per_sm), 64));
   return c;
 }
 

@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 
 #include "cpu/train_step.h"  // fastlin::check_train_args, fastlin::SgdOptions (shared with the CPU)
@@ -30,15 +29,10 @@ using namespace ::fastlin::cuda_glue;
 
 // Elements of temporaries per row chunk of the ATen path (256 MB of float32): the residuals (rows x O)
 // and, where the batch is gathered by index or widened to the accumulation dtype, the rows' copy
-// (rows x D). FASTLIN_CUDA_ATEN_CHUNK_ELEMS overrides it (read at each call; tests use it to reach
-// several chunks cheaply). The first H200 run chunked by 2^22 elements of x whatever the
-// temporaries: 256 chunks of ~10 small launches for a 4M x 256 batch, 41 ms at O = 16.
+// (rows x D). FASTLIN_CUDA_ATEN_CHUNK_ELEMS overrides it (read once per call, in make_problem; tests
+// use it to reach several chunks cheaply). The first H200 run chunked by 2^22 elements of x whatever
+// the temporaries: 256 chunks of ~10 small launches for a 4M x 256 batch, 41 ms at O = 16.
 constexpr int64_t kAtenChunkElems = int64_t(1) << 26;
-
-int64_t aten_chunk_elems() {
-  if (const char* s = std::getenv("FASTLIN_CUDA_ATEN_CHUNK_ELEMS")) return std::max<int64_t>(1, std::atoll(s));
-  return kAtenChunkElems;
-}
 
 // Everything about one train_step / fit problem that does not change from step to step.
 struct Problem {
@@ -51,11 +45,12 @@ struct Problem {
   bool vec_ok = false;
   fc::SgdOpts opt;
   cudaStream_t stream = nullptr;
+  int64_t aten_chunk = kAtenChunkElems;  // elements of temporaries per row chunk of the ATen path
 
   int64_t E() const { return O * D + O; }
 };
 
-Problem make_problem(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+Problem make_problem(const char* op, const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight_momentum,
                      const c10::optional<at::Tensor>& bias_momentum, const c10::optional<at::Tensor>& sample_weight,
                      double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
@@ -82,6 +77,7 @@ Problem make_problem(const at::Tensor& input, const at::Tensor& target, const at
   p.opt.nesterov = nesterov ? 1 : 0;
   p.opt.maximize = maximize ? 1 : 0;
   p.stream = current_stream();
+  p.aten_chunk = std::max<int64_t>(1, env_count(op, "FASTLIN_CUDA_ATEN_CHUNK_ELEMS", kAtenChunkElems));
   return p;
 }
 
@@ -127,7 +123,7 @@ void step_partials(const Problem& p, const fc::RowPassPlan& plan, const at::Tens
   }
   // ATen/cuBLAS: the same sums in the accumulation dtype (loss and weight sums in float64), G = 1,
   // over row chunks in a fixed order, so the temporaries (the gathered or widened rows, the
-  // residuals) stay under aten_chunk_elems() elements whatever the batch size.
+  // residuals) stay under p.aten_chunk elements whatever the batch size.
   at::Tensor part0 = part.select(0, 0);
   at::Tensor ps0 = part_s.select(0, 0);
   part0.zero_();
@@ -137,7 +133,7 @@ void step_partials(const Problem& p, const fc::RowPassPlan& plan, const at::Tens
   const at::Tensor ba = p.bias.defined() ? p.bias.to(p.acc) : at::Tensor();
   const bool copies_rows = rows.defined() || p.x.scalar_type() != p.acc;
   const int64_t per_row = p.O + (copies_rows ? p.D : 0);
-  const int64_t chunk = std::max<int64_t>(1, aten_chunk_elems() / std::max<int64_t>(1, per_row));
+  const int64_t chunk = std::max<int64_t>(1, p.aten_chunk / std::max<int64_t>(1, per_row));
   for (int64_t c0 = 0; c0 < nrows; c0 += chunk) {
     const int64_t n = std::min(chunk, nrows - c0);
     const at::Tensor idx = rows.defined() ? rows.narrow(0, c0, n) : at::Tensor();
@@ -213,7 +209,7 @@ at::Tensor train_step_cuda(const at::Tensor& input, const at::Tensor& target, co
   check_train_args(op, input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, opt);
   check_sizes(op, input, weight);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Problem p = make_problem(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
+  const Problem p = make_problem(op, input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize);
   const at::TensorOptions acc_opts = input.options().dtype(p.acc);
   if (p.O == 0) {  // no outputs: the loss is 0 / 0 and there is nothing to update
@@ -243,7 +239,7 @@ at::Tensor fit_cuda(const at::Tensor& input, const at::Tensor& target, const at:
   check_sizes(op, input, weight);
   TORCH_CHECK_VALUE(epochs >= 0, "fastlin.fit: epochs must be >= 0, got ", epochs);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Problem p = make_problem(input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
+  const Problem p = make_problem(op, input, target, weight, bias, weight_momentum, bias_momentum, sample_weight, lr,
                                  momentum, dampening, weight_decay, nesterov, maximize);
   const int64_t N = p.N;
   const int64_t bs = (batch_size <= 0 || batch_size >= N) ? N : batch_size;

@@ -315,6 +315,33 @@ inline void tn_tile(const typename FmtTraits<F>::Elem* bc, int64_t ldbc, const t
     for (int c = 0; c < C; ++c) vstore<AF>(bsum_vec + c * W, bv[c]);
 }
 
+// One tn_tile of p: K outputs from k0 by C vectors of columns from vector c0, over rows n0..n0+nr.
+// grad_bias rides along with the first tile of each row block (c0 == 0, or k0 == 0 when transposed).
+template <Fmt F, int K, int C>
+inline void tn_at(const TnArgs& p, int64_t n0, int64_t nr, int64_t k0, int64_t c0) {
+  using T = FmtTraits<F>;
+  using Elem = typename T::Elem;
+  using Acc = typename T::Acc;
+  constexpr int W = T::W;
+  Acc* bsum = static_cast<Acc*>(p.bsum);
+  tn_tile<F, K, C>(static_cast<const Elem*>(p.bc) + n0 * p.ldbc + k0, p.ldbc,
+                   static_cast<const Elem*>(p.vec) + n0 * p.ldvec + c0 * W, p.ldvec, nr, p.kdim - k0, p.vdim - c0 * W,
+                   static_cast<Acc*>(p.part) + k0 * p.ldp + c0 * W, p.ldp,
+                   bsum && !p.bias_from_vec && c0 == 0 ? bsum + k0 : nullptr,
+                   bsum && p.bias_from_vec && k0 == 0 ? bsum + c0 * W : nullptr);
+}
+
+// tn_at with min(n, 4) vectors of columns.
+template <Fmt F, int K>
+inline void tn_at_upto4(const TnArgs& p, int64_t n0, int64_t nr, int64_t k0, int64_t c0, int64_t n) {
+  switch (n < 4 ? n : 4) {
+    case 1: tn_at<F, K, 1>(p, n0, nr, k0, c0); break;
+    case 2: tn_at<F, K, 2>(p, n0, nr, k0, c0); break;
+    case 3: tn_at<F, K, 3>(p, n0, nr, k0, c0); break;
+    default: tn_at<F, K, 4>(p, n0, nr, k0, c0); break;
+  }
+}
+
 template <Fmt F> void tn(const TnArgs& p) {
   using T = FmtTraits<F>;
   using Elem = typename T::Elem;
@@ -359,58 +386,20 @@ template <Fmt F> void tn(const TnArgs& p) {
     return;
   }
   const int64_t chunks = (p.vdim + W - 1) / W;
-  if (p.kdim == 1) {
-    // One output (grad_weight of O = 1): K = 1 and up to kRegVecs vectors of the row per tile, so
-    // rows of up to 256 float32 (avx512) stream through in one sequential pass (the K x 4 tiles
-    // read each 128-row block four times, 64 columns at a time, and did K - 1 FMAs on padding).
-    constexpr int CW = kRegVecs;
-    for (int64_t n0 = 0; n0 < p.rows; n0 += kTnRows) {
-      const int64_t nr = p.rows - n0 < kTnRows ? p.rows - n0 : kTnRows;
-      for (int64_t c0 = 0; c0 < chunks; c0 += CW) {
-        Acc* bsum_bc = bsum && !p.bias_from_vec && c0 == 0 ? bsum : nullptr;
-        Acc* bsum_vec = bsum && p.bias_from_vec ? bsum + c0 * W : nullptr;
-        const Elem* bcp = bc + n0 * p.ldbc;
-        const Elem* vp = vec + n0 * p.ldvec + c0 * W;
-        Acc* pp = part + c0 * W;
-        const int64_t vl = p.vdim - c0 * W;
-        if (chunks - c0 >= CW) {
-          tn_tile<F, 1, CW>(bcp, p.ldbc, vp, p.ldvec, nr, 1, vl, pp, p.ldp, bsum_bc, bsum_vec);
-        } else {  // the last vectors of the row: at most 4 at a time (no FMAs on absent columns)
-          for (int64_t c1 = c0; c1 < chunks; c1 += 4) {
-            const int64_t off = (c1 - c0) * W;
-            Acc* bv = bsum_vec ? bsum_vec + off : nullptr;
-            switch (chunks - c1 < 4 ? chunks - c1 : 4) {
-              case 1: tn_tile<F, 1, 1>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
-              case 2: tn_tile<F, 1, 2>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
-              case 3: tn_tile<F, 1, 3>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
-              default: tn_tile<F, 1, 4>(bcp, p.ldbc, vp + off, p.ldvec, nr, 1, vl - off, pp + off, p.ldp, bsum_bc, bv); break;
-            }
-            bsum_bc = nullptr;  // grad_bias once per row block
-          }
-        }
-      }
-    }
-    return;
-  }
-  constexpr int K = kTnK;
   for (int64_t n0 = 0; n0 < p.rows; n0 += kTnRows) {
     const int64_t nr = p.rows - n0 < kTnRows ? p.rows - n0 : kTnRows;
-    for (int64_t k0 = 0; k0 < p.kdim; k0 += K) {
-      for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
-        Acc* bsum_bc = bsum && !p.bias_from_vec && c0 == 0 ? bsum + k0 : nullptr;
-        Acc* bsum_vec = bsum && p.bias_from_vec && k0 == 0 ? bsum + c0 * W : nullptr;
-        const Elem* bcp = bc + n0 * p.ldbc + k0;
-        const Elem* vp = vec + n0 * p.ldvec + c0 * W;
-        Acc* pp = part + k0 * p.ldp + c0 * W;
-        const int64_t kl = p.kdim - k0, vl = p.vdim - c0 * W;
-        switch (chunks - c0 < 4 ? chunks - c0 : 4) {
-          case 1: tn_tile<F, K, 1>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
-          case 2: tn_tile<F, K, 2>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
-          case 3: tn_tile<F, K, 3>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
-          default: tn_tile<F, K, 4>(bcp, p.ldbc, vp, p.ldvec, nr, kl, vl, pp, p.ldp, bsum_bc, bsum_vec); break;
-        }
-      }
+    if (p.kdim == 1) {
+      // One output (grad_weight of O = 1): K = 1 and kRegVecs vectors of the row per tile, so rows
+      // of up to 256 float32 (avx512) stream through in one sequential pass (the K x 4 tiles read
+      // each 128-row block four times, 64 columns at a time, with K - 1 FMAs on padding); the last
+      // vectors of the row at most 4 at a time (no FMAs on absent columns).
+      int64_t c0 = 0;
+      for (; c0 + kRegVecs <= chunks; c0 += kRegVecs) tn_at<F, 1, kRegVecs>(p, n0, nr, 0, c0);
+      for (; c0 < chunks; c0 += 4) tn_at_upto4<F, 1>(p, n0, nr, 0, c0, chunks - c0);
+      continue;
     }
+    for (int64_t k0 = 0; k0 < p.kdim; k0 += kTnK)
+      for (int64_t c0 = 0; c0 < chunks; c0 += 4) tn_at_upto4<F, kTnK>(p, n0, nr, k0, c0, chunks - c0);
   }
 }
 

@@ -119,15 +119,7 @@ constexpr DType kDTypeOf = std::is_same_v<P, float>           ? DType::F32
 template <typename P>
 cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, const SgdOpts& opt, int num_sms,
                          const SgdLaunchCfg& cfg, cudaStream_t stream) {
-  int per_sm = cfg.blocks_per_sm;
-  if (per_sm <= 0) {  // one full wave of resident blocks
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sgd_multi_kernel<P>, kSgdThreads, 0) != cudaSuccess ||
-        per_sm <= 0) {
-      (void)cudaGetLastError();
-      per_sm = 1;
-    }
-  }
-  const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * per_sm;
+  int64_t cap = 0;  // blocks per launch, known once there is a tensor of this dtype
   int i = 0;
   while (i < count) {
     SgdBatch bt{};
@@ -142,6 +134,18 @@ cudaError_t launch_dtype(const SgdTensorRef* tensors, int count, const SgdOpts& 
       ++k;
     }
     if (k == 0) break;  // no tensor of this dtype was left
+    if (cap == 0) {
+      int per_sm = cfg.blocks_per_sm;
+      if (per_sm <= 0) {  // one full wave of resident blocks
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sgd_multi_kernel<P>, kSgdThreads, 0) !=
+                cudaSuccess ||
+            per_sm <= 0) {
+          (void)cudaGetLastError();
+          per_sm = 1;
+        }
+      }
+      cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * per_sm;
+    }
     // chunk 0: the batch split evenly over the grid (a tensor smaller than that is one chunk)
     const int64_t chunk = cfg.chunk > 0 ? round_up(cfg.chunk, 8) : round_up(ceil_div(elems, cap), 4096);
     int64_t chunks = 0;

@@ -21,6 +21,7 @@ momentum) against stock torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -28,6 +29,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
 from unittest import mock
 
 
@@ -98,6 +102,20 @@ class Timer:
         return (time.perf_counter() - t) * 1e3 / self.inner
 
 
+@dataclass
+class InSetting:
+    """A contender that runs under a setting (a launch shape, a precision): the context is entered
+    around each timed block of calls, not around every call, so switching settings costs the
+    measurement nothing (os.environ patched per call cost ~0.7 ms of host time, 5x the kernel)."""
+
+    setting: Callable[[], ContextManager]
+    fn: Callable
+
+    def __call__(self):  # one call, setting included (warm-up, error checks)
+        with self.setting():
+            return self.fn()
+
+
 def measure(contenders: dict, repeats: int, inner: int) -> dict:
     """{name: {"median": ms, "min": ms, "max": ms}}; contenders interleaved in every repeat."""
     timer = Timer(inner)
@@ -107,7 +125,11 @@ def measure(contenders: dict, repeats: int, inner: int) -> dict:
             if fn is None:
                 continue
             try:
-                samples[name].append(timer(fn))
+                if isinstance(fn, InSetting):
+                    with fn.setting():
+                        samples[name].append(timer(fn.fn))
+                else:
+                    samples[name].append(timer(fn))
             except Exception as e:  # a contender that fails at run time is dropped, with the reason
                 log(f"{name}: failed while timing: {type(e).__name__}: {e}")
                 contenders[name] = None
@@ -183,27 +205,27 @@ def step_contenders(N, D, O, dtype, backends):
         if be == "triton" and O <= 4:
             # the persistent grid: PROGRAMS_PER_SM programs per SM (default 2), a few others beside it
             for pps in (1, 3, 4):
-                out[f"triton:pps{pps}"] = functools.partial(_with_programs, pps, fused)
+                out[f"triton:pps{pps}"] = InSetting(functools.partial(_programs, pps), fused)
         if be == "triton" and O > 4:
             # the tl.dot path: the default "ieee" fp32 and the tensor-core precisions, side by side
             for prec in ("tf32x3", "tf32"):
-                out[f"triton:{prec}"] = functools.partial(_with_precision, prec, fused)
+                out[f"triton:{prec}"] = InSetting(functools.partial(_precision, prec), fused)
     return x, y, out
 
 
-def _with_precision(prec, fn):
+@contextlib.contextmanager
+def _precision(prec):
     fastlin.triton.set_input_precision(prec)
     try:
-        return fn()
+        yield
     finally:
         fastlin.triton.set_input_precision(None)  # back to following torch's setting
 
 
-def _with_programs(pps, fn):
+def _programs(pps):
     from fastlin.triton import _common
 
-    with mock.patch.object(_common, "PROGRAMS_PER_SM", pps):
-        return fn()
+    return mock.patch.object(_common, "PROGRAMS_PER_SM", pps)
 
 
 def update_errors(x, y, names) -> dict:
@@ -249,7 +271,8 @@ def update_errors(x, y, names) -> dict:
         w, b = w0.clone(), b0.clone()
         step = functools.partial(ops.train_step, x, y, w, b, lr=1.0, backend=be)
         try:
-            _with_precision(prec, step) if prec else step()
+            with _precision(prec) if prec else contextlib.nullcontext():
+                step()
             out[name] = err(w, b)
         except Exception as e:
             log(f"update check {name}: {type(e).__name__}: {e}")
@@ -440,12 +463,10 @@ def sgd_launch_shapes(ps, gs, bufs, backends) -> dict:
         if be not in backends:
             continue
         for shape in shapes:
-
-            def call(be=be, shape=shape):
-                with _sgd_shape(be, shape):
-                    ops.sgd_update_(ps, gs, bufs, 1e-3, 0.9, 0.0, 1e-4, backend=be)
-
-            cont[f"{be} {shape[0]}/{shape[1]}"] = call
+            cont[f"{be} {shape[0]}/{shape[1]}"] = InSetting(
+                functools.partial(_sgd_shape, be, shape),
+                functools.partial(ops.sgd_update_, ps, gs, bufs, 1e-3, 0.9, 0.0, 1e-4, backend=be),
+            )
     if not cont:
         return {}
     warm(cont, "sgd_update_ launch shapes")

@@ -21,7 +21,8 @@
 # Environment: OUT (results dir), PYTHON (default python), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BUILD=1
 # (already installed), MAX_JOBS (build parallelism, default nproc), GPU_CHECK_STAGES (a subset of
 # "build exceptions triton bench cuda sanitizer generic" for a short rerun; default all),
-# GPU_CHECK_WORKERS (pytest-xdist workers of the generic stage, default 14).
+# GPU_CHECK_WORKERS (pytest-xdist workers of the generic stage, default 14), GPU_BENCH_ARGS (extra
+# arguments of gpu_bench.py, e.g. --no-compile for a rerun).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -209,7 +210,7 @@ want triton && stage triton-tests 90 110 env TRITON_INTERPRET=0 FASTLIN_TRITON_A
 # the bench (autotuning on): table written to $OUT and printed again at the very end
 TABLE=${OUT_DIR:-/tmp}/gpu_bench_table.txt
 rm -f "$TABLE"
-want bench && stage bench 110 20 env TRITON_INTERPRET=0 OUT="${OUT_DIR:-/tmp}" $PY bench/gpu_bench.py
+want bench && stage bench 110 20 env TRITON_INTERPRET=0 OUT="${OUT_DIR:-/tmp}" $PY bench/gpu_bench.py ${GPU_BENCH_ARGS:-}
 
 # ------------------------------------------------------------------------------------------------
 CUDA_TESTS=$(ls tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
@@ -261,7 +262,8 @@ if named profile; then
     fi
 fi
 
-GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e 'test_cuda' | tr '\n' ' ')
+# (test_triton_writes.py runs on the CPU alone: CI has it)
+GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e test_triton_writes.py -e 'test_cuda' | tr '\n' ' ')
 if ! want generic; then
     :
 elif [ -n "$GENERIC" ]; then
@@ -273,7 +275,7 @@ elif [ -n "$GENERIC" ]; then
     rm -f "$FLOG"
     stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_FAIL_LOG="$FLOG" bash -c "\
         $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist "${GPU_CHECK_WORKERS:-14}") \
-        $GENERIC -k '(cuda or triton) and not reference-cuda' --tb=line -rfE > $GLOG 2>&1"
+        $GENERIC -k '(cuda or triton) and not reference-cuda' --tb=short -rfE > $GLOG 2>&1"
     log "generic tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
 $(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes; first failures:"
     [ -f "$FLOG" ] && head -60 "$FLOG"

@@ -388,12 +388,21 @@ def _fit_by_train_steps(x, y, state, sw, *, epochs, batch_size, shuffle, seed, o
     return history
 
 
-@pytest.mark.parametrize("o,dtype", [(16, torch.float32), (17, torch.float64)], ids=["O16-f32", "O17-f64"])
-def test_train_step_and_fit_on_the_cublas_path(o, dtype, monkeypatch):
-    """O > 4 on batches of >= 2^19 float32/float64 elements, and O > 16, take the ATen/cuBLAS path
-    of csrc/cuda/train_step_cuda.cpp, which walks a batch in row chunks whose temporaries stay under
-    FASTLIN_CUDA_ATEN_CHUNK_ELEMS elements (2^26 by default; 2^20 here: train_step's 140000 rows in
-    3 chunks of residuals, each gathered fit batch of 70000 rows in 6 chunks of rows + residuals).
+@pytest.mark.parametrize(
+    "o,dtype,pdtype",
+    [
+        (16, torch.float32, torch.float32),
+        (16, torch.bfloat16, torch.float32),
+        (17, torch.float64, torch.float64),
+    ],
+    ids=["O16-f32", "O16-bf16-f32params", "O17-f64"],
+)
+def test_train_step_and_fit_on_the_cublas_path(o, dtype, pdtype, monkeypatch):
+    """O > 4 on batches of >= 2^19 elements, and O > 16, take the ATen/cuBLAS path of
+    csrc/cuda/train_step_cuda.cpp, which walks a batch in row chunks whose temporaries (a bf16 x's
+    float32 copy included) stay under FASTLIN_CUDA_ATEN_CHUNK_ELEMS elements (2^26 by default; 2^20
+    here: train_step's 140000 rows in 3 chunks of residuals, 11 of rows + residuals for bf16, each
+    gathered fit batch of 70000 rows in 6 chunks of rows + residuals).
     train_step against the float64 reference; fit (shuffled batches of 70000 rows, gathered by
     index, with sample weights) against train_step on the same rows."""
     monkeypatch.setenv("FASTLIN_CUDA_ATEN_CHUNK_ELEMS", str(1 << 20))
@@ -401,15 +410,15 @@ def test_train_step_and_fit_on_the_cublas_path(o, dtype, monkeypatch):
     opts = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=False, maximize=False)
     x, y = _randn(n, d, dtype=dtype), _randn(n, o, dtype=dtype, shift=0.5)
     sw = torch.rand(n, device=DEV, dtype=dtype) + 0.5
-    state = list(_state(o, d, dtype, True, True))
+    state = list(_state(o, d, pdtype, True, True))
     rloss, rstate = _ref_step(x, y, state, sw, opts, True, torch.float64)
     sloss, sstate = _ref_step(x, y, state, sw, opts, True, None)
     loss = ops.train_step(x, y, *state, sw, first_step=True, backend=B, **opts)
     _check(loss, rloss, sloss, loss.dtype, what="loss")
     for name, got, want, stock in zip(("weight", "bias", "wm", "bm"), state, rstate, sstate):
-        _check(got, want, stock, dtype, what=name)
+        _check(got, want, stock, pdtype, what=name)
 
-    s_fit = list(_state(o, d, dtype, True, True))
+    s_fit = list(_state(o, d, pdtype, True, True))
     s_step = _clone(s_fit)
     bs, seed = n // 2, 7
     hist = ops.fit(
@@ -419,9 +428,10 @@ def test_train_step_and_fit_on_the_cublas_path(o, dtype, monkeypatch):
     # The dtype's tolerance rather than bit equality (as on the row pass): fit gathers each chunk's
     # rows by index, train_step gets a gathered copy, and cuBLAS may pick another algorithm for
     # another pointer alignment; the math is the same.
+    # (in the accumulation dtype's tolerance: a bf16 x is widened exactly, the sums run in float32)
     for a, b in zip(s_fit, s_step):
-        assert rel_error(a, b) <= REL_TOL[dtype], "fit and train_step on the same rows differ"
-    assert rel_error(hist, torch.tensor(want, dtype=torch.float64)) <= REL_TOL[dtype]
+        assert rel_error(a, b) <= REL_TOL[pdtype], "fit and train_step on the same rows differ"
+    assert rel_error(hist, torch.tensor(want, dtype=torch.float64)) <= REL_TOL[pdtype]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ def _torch_sgd(params, grads, bufs, lr, o):
     return bl
 
 
-def _run(backend, dtype, o, steps=5, shapes=SHAPES, lr=0.1):
+def _run(backend, dtype, o, steps=5, shapes=SHAPES, lr=0.1, device="cpu"):
     """5 steps of ours, torch.optim.SGD's, the reference in float64 and the reference in dtype
     (float32 math, one rounding per stored value: the kernels' semantics)."""
     torch.manual_seed(1)
-    base = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    base = [torch.randn(s, dtype=torch.float64).to(device, dtype) for s in shapes]
     ours, theirs, low = [p.clone() for p in base], [p.clone() for p in base], [p.clone() for p in base]
     ref64 = [p.to(torch.float64) for p in base]
     mom = o["momentum"] != 0
@@ -57,7 +57,7 @@ def _run(backend, dtype, o, steps=5, shapes=SHAPES, lr=0.1):
     bufs_ref = [torch.zeros_like(p) for p in ref64] if mom else []
     bufs_low = [torch.zeros_like(p) for p in low] if mom else []
     for step in range(steps):
-        grads = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+        grads = [torch.randn(s, dtype=torch.float64).to(device, dtype) for s in shapes]
         ops.sgd_update_(ours, grads, bufs_ours, lr, first_step=step == 0, backend=backend, **o)
         bufs_theirs = _torch_sgd(theirs, grads, bufs_theirs, lr, o)
         reference.sgd_update_(
@@ -73,7 +73,7 @@ def test_sgd_matches_torch(kernel_backend_device, opts):
     (same formula and order; where an FMA is contracted may differ, a last-bit difference per
     term, atol 1e-6 ~ 8 ulp at 1.0), and far under 1e-5 of the float64 reference."""
     backend, device = kernel_backend_device
-    ours, theirs, ref64, _, bo, bt, _, _ = _run(backend, torch.float32, opts)
+    ours, theirs, ref64, _, bo, bt, _, _ = _run(backend, torch.float32, opts, device=device)
     for i in range(len(ours)):
         torch.testing.assert_close(ours[i], theirs[i], rtol=1e-6, atol=1e-6)
         assert_rel_close(ours[i], ref64[i], torch.float32, what=f"param {i}")
@@ -96,7 +96,7 @@ def test_sgd_dtypes(kernel_backend_device, dtype, opts):
     against float64 within the dtype's tolerance, or at most 2x the error of the same semantics
     run by the reference (5 steps of rounding p and buf compound), DESIGN.md's 2x rule."""
     backend, device = kernel_backend_device
-    ours, _, ref64, low, bo, _, br, bl = _run(backend, dtype, opts)
+    ours, _, ref64, low, bo, _, br, bl = _run(backend, dtype, opts, device=device)
     for i in range(len(ours)):
         assert ours[i].dtype == dtype
         pairs = [(ours[i], ref64[i], low[i], f"param {i}")]
@@ -112,15 +112,18 @@ def test_sgd_non_contiguous(kernel_backend_device):
     (stride-0) gradients are read correctly."""
     backend, device = kernel_backend_device
     o = dict(momentum=0.9, dampening=0.0, weight_decay=0.05, nesterov=True, maximize=False)
-    store = torch.randn(40, 30)
+    store = torch.randn(40, 30, device=device)
     p1 = store[::2, ::3]  # strided view: the update must land in `store`
-    p2 = torch.randn(9, 5).t()
+    p2 = torch.randn(9, 5, device=device).t()
     ps = [p1, p2]
-    bufs = [torch.zeros(10, 20).t(), torch.zeros(9, 5).t()]  # non-contiguous buffers
+    bufs = [
+        torch.zeros(10, 20, device=device).t(),
+        torch.zeros(9, 5, device=device).t(),
+    ]  # non-contiguous buffers
     ref = [p.clone() for p in ps]
     rbufs = [None, None]
     for step in range(3):
-        gs = [torch.randn(1, 10).expand(20, 10), torch.randn(5, 9)[:, ::1]]
+        gs = [torch.randn(1, 10, device=device).expand(20, 10), torch.randn(5, 9, device=device)[:, ::1]]
         before = store.clone()
         ops.sgd_update_(ps, gs, bufs, 0.1, first_step=step == 0, backend=backend, **o)
         rbufs = _torch_sgd(ref, gs, rbufs, 0.1, o)

@@ -85,17 +85,16 @@ inline bool rows_vec_ok(fc::DType xt, const at::Tensor& x, int64_t ldx, int64_t 
 // The row-pass plan, or a not-ok plan when no kernel covers the shape (the caller then uses ATen).
 // Batches of at least this many elements with O > 4 outputs take the ATen/cuBLAS path. The row pass
 // reads W (O x D) from shared memory for every row, O times the bytes of the row itself, and its
-// OT = 16 variant holds one row per warp (RB = 1) at 8 warps per SM: a 4M x 256, O = 16 float32
-// train_step took 20.2 ms on an H200 against 4.3 ms for stock eager's two cuBLAS GEMMs
-// (bench/RESULTS.md, 2026-11-26). Small batches keep the row pass: one launch instead of ~6.
-// float32/float64 x only: the ATen path widens a 2-byte x to a float32 copy of the whole batch,
-// memory the row pass never needs (bf16 with O = 16 stays on the row pass until it is faster).
+// OT = 16 variant holds one row per warp (RB = 1) at 8 warps per SM: a 4M x 256, O = 16 train_step
+// took 20.2 ms (float32) and 22.7 ms (bfloat16) on an H200 against 4.3 / 1.6 ms for stock eager
+// (bench/RESULTS.md, 2026-11-26). The ATen path widens a 2-byte x to float32 one row chunk at a time
+// (Problem::aten_chunk), so every dtype takes it. Small batches keep the row pass: one launch instead
+// of ~6.
 constexpr int64_t kRowPassMaxElemsWideO = int64_t(1) << 19;
 
 inline fc::RowPassPlan plan_rows(fc::DType xt, bool vec_ok, int64_t O, int64_t D, int64_t nrows) {
   if (nrows <= 0 || O < 1 || O > 16 || D < 1 || D > (1 << 16)) return fc::RowPassPlan();
-  const bool wide_x = xt == fc::DType::F32 || xt == fc::DType::F64;
-  if (O > 4 && wide_x && nrows * D >= kRowPassMaxElemsWideO) return fc::RowPassPlan();
+  if (O > 4 && nrows * D >= kRowPassMaxElemsWideO) return fc::RowPassPlan();
   return fc::rowpass_plan(xt, vec_ok, static_cast<int>(O), static_cast<int>(D), nrows, num_sms());
 }
 

@@ -51,12 +51,18 @@ from fastlin.triton._common import cast_out, fma_mm, fma_mm_nt, is_finite, scala
 def _onepass_configs():
     if K.INTERPRET:  # one config: the autotuner then skips benchmarking (slow in the interpreter)
         return [triton.Config({"BLOCK_N": 64, "NUM_STAGES": 1}, num_warps=4)]
-    return [
+    configs = [
         triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w)
         for bn in (1, 2, 4, 8, 16, 32, 64, 128)
         for w in (4, 8)
         for s in (1, 3, 6)
     ]
+    # first: a tile legal on every path (tl.dot needs 16 rows). torch.compile's functionalization
+    # compiles the first config to find which arguments the kernel writes; one that fails to compile
+    # makes it assume every argument is written and clone them all (x included) at every call.
+    # The order means nothing else: _prune_onepass sorts what it keeps.
+    configs.sort(key=lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) != (16, 4, 1))
+    return configs
 
 
 # the estimate of a config's shared memory (see _prune_onepass) stays under this; measured sizes of
@@ -118,21 +124,25 @@ def _prune_onepass(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr, IDX64: tl.constexpr):
-    """Row numbers of tile t (by index when GATHER) and the tail mask; int64 only when IDX64 (an
-    offset can pass 2^31), since 64-bit address arithmetic costs registers in every tile."""
+def _tile_rows(t, offs_n, n_rows, BLOCK_N: tl.constexpr, IDX64: tl.constexpr):
+    """Row positions of tile t and the tail mask; int64 only when IDX64 (an offset can pass 2^31),
+    since 64-bit address arithmetic costs registers in every tile. The rows themselves when not
+    gathered; else _gathered maps them. (Kept apart so idx_ptr is no operand of any call without a
+    gather: torch.compile's write analysis counts every operand of a call that a stored address
+    depends on as written, and the absent idx's placeholder aliases x.)"""
     if IDX64:
         r0 = tl.cast(t, tl.int64) * BLOCK_N + offs_n
     else:
         r0 = t * BLOCK_N + offs_n
-    mask_n = r0 < n_rows
-    if GATHER:
-        rows = tl.load(idx_ptr + r0, mask=mask_n, other=0)
-        if not IDX64:
-            rows = rows.to(tl.int32)
-    else:
-        rows = r0
-    return rows, mask_n
+    return r0, r0 < n_rows
+
+
+@triton.jit
+def _gathered(r0, mask_n, idx_ptr, IDX64: tl.constexpr):
+    rows = tl.load(idx_ptr + r0, mask=mask_n, other=0)
+    if not IDX64:
+        rows = rows.to(tl.int32)
+    return rows
 
 
 @triton.autotune(
@@ -230,7 +240,9 @@ def _onepass_kernel(
         acc_l = tl.zeros((BLOCK_N,), ACC)
         acc_s = tl.zeros((BLOCK_N,), ACC)
         for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
-            rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
+            rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
+            if GATHER:
+                rows = _gathered(rows, mask_n, idx_ptr, IDX64)
             if NEED_GW or not GIVEN_G:  # (grad_bias alone from a given gradient never reads x)
                 x = tl.load(
                     x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
@@ -297,7 +309,9 @@ def _onepass_kernel(
             else:
                 acc_w = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_D), ACC)
             for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
-                rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
+                rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
+                if GATHER:
+                    rows = _gathered(rows, mask_n, idx_ptr, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
                 if NEED_GW or not GIVEN_G:
                     x = tl.load(
@@ -375,7 +389,9 @@ def _onepass_kernel(
                 # the zeros must be visible to whichever thread of this program first adds to them
                 tl.debug_barrier()
             for t in range(pid, n_tiles, P):
-                rows, mask_n = _tile_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
+                rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
+                if GATHER:
+                    rows = _gathered(rows, mask_n, idx_ptr, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
                 if GIVEN_G:
                     g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
@@ -538,82 +554,84 @@ def _reduce_kernel(
     denom = wsum * O
     offs = tl.arange(0, BLOCK)
     OD = tl.cast(O, tl.int64) * D
-    lim_w = OD
-    lim_b = O
-    if not HAS_W:
-        lim_w = 0
-    if not HAS_B:
-        lim_b = 0
-    if pid >= NWB:  # bias elements
-        e = tl.cast(pid - NWB, tl.int64) * BLOCK + offs
-        mask = e < lim_b
-        ws_ptr = ws_b_ptr + e
-        ws_stride = tl.cast(O, tl.int64)
-        p_ptrs = b_ptr + e * s_b
-        m_ptrs = bm_ptr + e * s_bm
-        st = OD + e
-    else:  # weight elements, row-major over (O, D)
-        e = tl.cast(pid, tl.int64) * BLOCK + offs
-        mask = e < lim_w
-        o = e // D
-        d = e % D
-        ws_ptr = ws_w_ptr + e
-        ws_stride = OD
-        p_ptrs = w_ptr + o * s_wo + d * s_wd
-        m_ptrs = wm_ptr + o * s_wmo + d * s_wmd
-        st = e
-    acc = tl.zeros((BLOCK,), ACC)
-    for p0 in range(0, P, BLOCK_P):
-        pp = p0 + tl.arange(0, BLOCK_P)
-        v = tl.load(
-            ws_ptr[None, :] + tl.cast(pp[:, None], tl.int64) * ws_stride,
-            mask=(pp < P)[:, None] & mask[None, :],
-            other=0,
-        )
-        acc += tl.sum(v, axis=0)
-
-    if MODE == 0:
-        tl.store(
-            p_ptrs, cast_out(acc * scalar(grad_scale, ACC), p_ptrs.dtype.element_ty, INTERPRET), mask=mask
-        )
+    # Stores reach only the parameters that exist: the bias/weight choice is made at run time only
+    # when both do. torch.compile's functionalization clones (and copies back) every argument a
+    # store can reach, and the absent ones' placeholders alias real outputs (see run_reduce).
+    if HAS_W and HAS_B:
+        is_b = pid >= NWB
     else:
-        g = acc * (2.0 / denom)
-        p = tl.load(p_ptrs, mask=mask, other=0).to(ACC)
-        if MAXIMIZE:
-            g = -g
-        if HAS_WD:
-            g = g + scalar(weight_decay, ACC) * p
-        if HAS_MOMENTUM:
-            if FIRST_STEP:
-                buf = g
-            else:
-                buf = (
-                    tl.load(m_ptrs, mask=mask, other=0).to(ACC) * scalar(momentum, ACC)
-                    + scalar(1.0 - dampening, ACC) * g
-                )
-            if NESTEROV:
-                g = g + scalar(momentum, ACC) * buf
-            else:
-                g = buf
-        new_p = p - scalar(lr, ACC) * g
-        if MODE == 1:
-            tl.store(p_ptrs, cast_out(new_p, p_ptrs.dtype.element_ty, INTERPRET), mask=mask)
-            if HAS_MOMENTUM:
-                tl.store(m_ptrs, cast_out(buf, m_ptrs.dtype.element_ty, INTERPRET), mask=mask)
+        is_b: tl.constexpr = HAS_B  # (a plain assignment would make it a run-time value)
+    if HAS_W or HAS_B:  # (neither: the loss alone)
+        if is_b:  # bias elements
+            e = tl.cast(pid - NWB, tl.int64) * BLOCK + offs
+            mask = e < O
+            ws_ptr = ws_b_ptr + e
+            ws_stride = tl.cast(O, tl.int64)
+            p_ptrs = b_ptr + e * s_b
+            m_ptrs = bm_ptr + e * s_bm
+            st = OD + e
+        else:  # weight elements, row-major over (O, D)
+            e = tl.cast(pid, tl.int64) * BLOCK + offs
+            mask = e < OD
+            o = e // D
+            d = e % D
+            ws_ptr = ws_w_ptr + e
+            ws_stride = OD
+            p_ptrs = w_ptr + o * s_wo + d * s_wd
+            m_ptrs = wm_ptr + o * s_wmo + d * s_wmd
+            st = e
+        acc = tl.zeros((BLOCK,), ACC)
+        for p0 in range(0, P, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)
+            v = tl.load(
+                ws_ptr[None, :] + tl.cast(pp[:, None], tl.int64) * ws_stride,
+                mask=(pp < P)[:, None] & mask[None, :],
+                other=0,
+            )
+            acc += tl.sum(v, axis=0)
+
+        if MODE == 0:
+            tl.store(
+                p_ptrs, cast_out(acc * scalar(grad_scale, ACC), p_ptrs.dtype.element_ty, INTERPRET), mask=mask
+            )
         else:
-            n_tot = OD + O
-            tl.store(stage_ptr + st, new_p, mask=mask)
+            g = acc * (2.0 / denom)
+            p = tl.load(p_ptrs, mask=mask, other=0).to(ACC)
+            if MAXIMIZE:
+                g = -g
+            if HAS_WD:
+                g = g + scalar(weight_decay, ACC) * p
             if HAS_MOMENTUM:
-                tl.store(stage_ptr + n_tot + st, buf, mask=mask)
-            ok = tl.min(tl.where(mask, is_finite(new_p), True).to(tl.int32), axis=0)
-            if HAS_FLAG:
-                ok = tl.where(tl.load(flag_ptr) != 0, 0, ok)
-            if pid == 0:
-                loss = _sum_partials(ws_loss_ptr, NL, BLOCK_P, ACC) / denom
-                ok = tl.where(is_finite(loss), ok, 0)
-                tl.store(stats_ptr, loss)
-                tl.store(stats_ptr + 1, wsum)
-            tl.store(ok_ptr + pid, ok)
+                if FIRST_STEP:
+                    buf = g
+                else:
+                    buf = (
+                        tl.load(m_ptrs, mask=mask, other=0).to(ACC) * scalar(momentum, ACC)
+                        + scalar(1.0 - dampening, ACC) * g
+                    )
+                if NESTEROV:
+                    g = g + scalar(momentum, ACC) * buf
+                else:
+                    g = buf
+            new_p = p - scalar(lr, ACC) * g
+            if MODE == 1:
+                tl.store(p_ptrs, cast_out(new_p, p_ptrs.dtype.element_ty, INTERPRET), mask=mask)
+                if HAS_MOMENTUM:
+                    tl.store(m_ptrs, cast_out(buf, m_ptrs.dtype.element_ty, INTERPRET), mask=mask)
+            else:
+                n_tot = OD + O
+                tl.store(stage_ptr + st, new_p, mask=mask)
+                if HAS_MOMENTUM:
+                    tl.store(stage_ptr + n_tot + st, buf, mask=mask)
+                ok = tl.min(tl.where(mask, is_finite(new_p), True).to(tl.int32), axis=0)
+                if HAS_FLAG:
+                    ok = tl.where(tl.load(flag_ptr) != 0, 0, ok)
+                if pid == 0:
+                    loss = _sum_partials(ws_loss_ptr, NL, BLOCK_P, ACC) / denom
+                    ok = tl.where(is_finite(loss), ok, 0)
+                    tl.store(stats_ptr, loss)
+                    tl.store(stats_ptr + 1, wsum)
+                tl.store(ok_ptr + pid, ok)
     if WRITE_LOSS:
         if pid == 0:
             total = _sum_partials(ws_loss_ptr, NL, BLOCK_P, ACC)
@@ -674,12 +692,13 @@ def _commit_kernel(
     ok = tl.min(tl.load(ok_ptr + ko, mask=ko < n_ok, other=1), axis=0) != 0
     offs = tl.arange(0, BLOCK)
     OD = tl.cast(O, tl.int64) * D
-    lim_b = O
-    if not HAS_B:
-        lim_b = 0
-    if pid >= NWB:
+    if HAS_B:  # as in _reduce_kernel: no store through b_ptr / bm_ptr without a bias
+        is_b = pid >= NWB
+    else:
+        is_b: tl.constexpr = False
+    if is_b:
         e = tl.cast(pid - NWB, tl.int64) * BLOCK + offs
-        mask = (e < lim_b) & ok
+        mask = (e < O) & ok
         p_ptrs = b_ptr + e * s_b
         m_ptrs = bm_ptr + e * s_bm
         st = OD + e
@@ -752,12 +771,12 @@ def plan(n_rows: int, D: int, O: int, dtype: torch.dtype, device: torch.device) 
         one = K.next_pow2(D) <= cap
         bd = K.next_pow2(D) if one else cap
     # the programs' row tiles: at least 16 rows each on the GPU, so tiny batches use few programs
-    P = K.persistent_programs(device, triton.cdiv(max(n_rows, 1), 16 if device.type == "cuda" else 64))
+    P = K.persistent_programs(device, K.cdiv(max(n_rows, 1), 16 if device.type == "cuda" else 64))
     # the (P, O, D) partials stay under WORKSPACE_BYTES (wide layers get fewer, longer programs)
     P = max(1, min(P, WORKSPACE_BYTES // max(1, O * D * (8 if acc == torch.float64 else 4))))
     return Plan(
         P=P,
-        NOB=triton.cdiv(max(O, 1), bo),
+        NOB=K.cdiv(max(O, 1), bo),
         BLOCK_O=bo,
         BLOCK_D=bd,
         USE_DOT=use_dot,
@@ -879,8 +898,8 @@ def _block_p(P: int) -> int:
 
 
 def reduce_grid(O: int, D: int, has_w: bool, has_b: bool) -> tuple[int, int]:
-    nwb = triton.cdiv(O * D, REDUCE_BLOCK) if has_w else 0
-    nbb = triton.cdiv(O, REDUCE_BLOCK) if has_b else 0
+    nwb = K.cdiv(O * D, REDUCE_BLOCK) if has_w else 0
+    nbb = K.cdiv(O, REDUCE_BLOCK) if has_b else 0
     return nwb, max(1, nwb + nbb)
 
 

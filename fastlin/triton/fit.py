@@ -72,6 +72,10 @@ def fit(
     dev = input.device
     bs = N if batch_size <= 0 or batch_size >= N else batch_size
     pl = OP.plan(bs, D, O, input.dtype, dev)
+    # a shorter last batch gets the plan train_step would give it (its own number of programs, so
+    # the same partial sums in the same order: fit is exactly train_step in a loop); fewer programs,
+    # so it fits the workspace sized for the full batches
+    pl_last = OP.plan(N % bs, D, O, input.dtype, dev) if N % bs else pl
     hist = torch.full((epochs,), math.nan, dtype=pl.acc, device=dev)
     if epochs == 0 or O == 0:
         return hist
@@ -104,6 +108,7 @@ def fit(
         order = torch.randperm(N, generator=gen, device=dev) if shuffled else None
         for start in range(0, N, bs):
             rows = min(bs, N - start)
+            p = pl if rows == bs else pl_last
             idx = None
             x, y, sw = input, target, sample_weight
             if order is not None:
@@ -112,7 +117,7 @@ def fit(
                 x, y = input[start : start + rows], target[start : start + rows]
                 sw = None if sample_weight is None else sample_weight[start : start + rows]
             OP.run_onepass(
-                pl,
+                p,
                 ws,
                 x,
                 y,
@@ -126,7 +131,7 @@ def fit(
                 need_gb=has_b,
             )
             OP.run_reduce(
-                pl,
+                p,
                 ws,
                 O,
                 D,
@@ -144,7 +149,7 @@ def fit(
                 stats=stats,
             )
             OP.run_commit(
-                pl,
+                p,
                 O,
                 D,
                 stage=stage,

@@ -168,7 +168,7 @@ def matmul_into(
     native = use_dot and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and not K.INTERPRET
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Nc, bn))
+        return (K.cdiv(M, meta["BLOCK_M"]), K.cdiv(Nc, bn))
 
     K.launch(
         _linear_kernel,

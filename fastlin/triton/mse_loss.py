@@ -105,7 +105,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch
         if n:
             K.launch(
                 _mse_none_kernel,
-                (triton.cdiv(n, blk),),
+                (K.cdiv(n, blk),),
                 x,
                 t,
                 out,
@@ -115,7 +115,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch
                 INTERPRET=K.INTERPRET,
             )
         return out
-    P = K.persistent_programs(input.device, triton.cdiv(max(n, 1), blk))
+    P = K.persistent_programs(input.device, K.cdiv(max(n, 1), blk))
     ws = torch.empty((P,), dtype=acc, device=input.device)
     out = input.new_empty(())
     K.launch(_mse_partial_kernel, (P,), x, t, ws, n, ACC=K.tl_acc(acc), BLOCK=blk)
@@ -156,7 +156,7 @@ def mse_loss_backward(
     go = _flat(grad_output) if go_scalar else _flat(grad_output.expand(input.shape))
     K.launch(
         _mse_backward_kernel,
-        (triton.cdiv(n, blk),),
+        (K.cdiv(n, blk),),
         _flat(input),
         _flat(target),
         go,

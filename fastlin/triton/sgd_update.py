@@ -127,7 +127,7 @@ def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, m
         else:
             p, g, m, n = ps[0], gs[0], (ms[0] if ms else ps[0]), 0
         args += [p, g, m, n]
-        total += triton.cdiv(n, blk)
+        total += K.cdiv(n, blk)
         starts.append(total)
     if total == 0:
         return

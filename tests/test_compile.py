@@ -144,6 +144,42 @@ def test_compile_optimizer_step_alone(backend_device):
             )
 
 
+@pytest.mark.parametrize("O", [1, 5])
+@pytest.mark.parametrize(
+    "bias,momentum", [(True, 0.9), (False, 0.9), (False, 0.0)], ids=["b-m", "m", "plain"]
+)
+def test_compile_train_step_op(kernel_backend_device, O, bias, momentum):
+    """ops.train_step compiled (fullgraph; aot_eager functionalises its in-place updates) gives eager's
+    bits over three steps: the same kernels on the same data. On a GPU the Triton op is traced down
+    to its kernels (wrap_triton), and torch clones each argument it finds written and copies it back:
+    a placeholder for the absent bias aliased the weight and overwrote its update that way (found on
+    an H200; tests/test_triton_writes.py checks the kernels for it on the CPU)."""
+    backend, device = kernel_backend_device
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(37, 33, generator=g).to(device), torch.randn(37, O, generator=g).to(device)
+
+    def state():
+        w = (torch.randn(O, 33, generator=torch.Generator().manual_seed(4)) / 6).to(device)
+        b = torch.zeros(O, device=device) + 0.5 if bias else None
+        wm = torch.zeros_like(w) if momentum else None
+        bm = torch.zeros_like(b) if momentum and bias else None
+        return [w, b, wm, bm]
+
+    def step(w, b, wm, bm, first):
+        return fastlin.ops.train_step(
+            x, y, w, b, wm, bm, None, lr=0.1, momentum=momentum, first_step=first, backend=backend
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = state(), state()
+    for i in range(3):
+        lg, lw = compiled(*got, i == 0), step(*want, i == 0)
+        assert torch.equal(lg, lw), f"loss at step {i}: {lg} != {lw}"
+        for name, a, b in zip(("weight", "bias", "weight_momentum", "bias_momentum"), got, want):
+            if a is not None:
+                assert torch.equal(a, b), f"{name} after step {i}: max diff {(a - b).abs().max()}"
+
+
 def test_compile_no_graph_breaks_reported_by_explain(backend_device):
     backend, device = backend_device
     model = fastlin.nn.LinearMSELoss(5, 3, device=device, backend=backend)

@@ -440,7 +440,7 @@ def bench_sgd_update(bw_gbs: float, backends: list) -> dict:
 # cuda: (FASTLIN_CUDA_SGD_CHUNK, FASTLIN_CUDA_SGD_BLOCKS_PER_SM), 0 = even split / one full wave;
 # triton: (sgd_update.BLOCK, sgd_update.NUM_WARPS).
 CUDA_SGD_SHAPES = [(16384, 8), (65536, 8), (4096, 8), (0, 0), (16384, 0), (65536, 0), (0, 2)]
-TRITON_SGD_SHAPES = [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (4096, 4)]
+TRITON_SGD_SHAPES = [(4096, 4), (1024, 4), (2048, 4), (4096, 8), (8192, 8)]
 
 
 def _sgd_shape(be: str, shape):

@@ -134,8 +134,11 @@ def test_sgd_step_for_step_with_state_dict_round_trip(backend_device, opts, dtyp
         kept = [p.grad.clone() for p in params]
         current.step()
         ref_opt.step()
-        for p, g in zip(params, kept):
-            assert torch.equal(p.grad, g), "step modified a gradient"
+        if isinstance(current, fastlin.optim.SGD):
+            # (stock torch may: its foreach path, the default on CUDA, adds the buffer into the
+            # gradients in place for nesterov without weight decay or maximize)
+            for p, g in zip(params, kept):
+                assert torch.equal(p.grad, g), "step modified a gradient"
         compare(params, current, ref_params, ref_opt, dtype, f"step {step} ({type(current).__module__})")
 
 

@@ -19,8 +19,10 @@ from fastlin.triton._common import cast_out, scalar
 
 SLOTS = 8
 # Elements per program and warps per program; module settings read at each launch (bench/gpu_bench.py
-# compares a few). BLOCK must be a power of two; the interpreter uses 4096 (fewer, bigger programs).
-BLOCK = 1024
+# compares a few). BLOCK must be a power of two. H200, 4096 x 4096 + 4096 fp32 with momentum, side by
+# side (bench/RESULTS.md, third lease): 1024/4 0.185 ms, 2048/4 0.145, 4096/4 0.136, 4096/8 0.137,
+# 8192/8 0.136 (torch's fused SGD 0.101).
+BLOCK = 4096
 NUM_WARPS = 4
 
 
@@ -116,7 +118,6 @@ def _sgd_update_kernel(
 
 def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
     """One launch for up to SLOTS contiguous tensors of one dtype."""
-    blk = 4096 if K.INTERPRET else BLOCK
     args = []
     starts = []
     total = 0
@@ -127,7 +128,7 @@ def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, m
         else:
             p, g, m, n = ps[0], gs[0], (ms[0] if ms else ps[0]), 0
         args += [p, g, m, n]
-        total += K.cdiv(n, blk)
+        total += K.cdiv(n, BLOCK)
         starts.append(total)
     if total == 0:
         return
@@ -147,7 +148,7 @@ def _launch_group(ps, gs, ms, lr, momentum, dampening, weight_decay, nesterov, m
         MAXIMIZE=bool(maximize),
         FIRST_STEP=bool(first_step),
         ACC=K.tl_acc(ps[0].dtype),
-        BLOCK=blk,
+        BLOCK=BLOCK,
         INTERPRET=K.INTERPRET,
         num_warps=NUM_WARPS,
     )

@@ -8,20 +8,19 @@
 #              if that fails, a CPU-only build (the Triton backend needs no compiled code at all)
 #   exceptions a failed input check of fastlin._C must raise, on cpu and cuda (else: toolchain facts,
 #              the native stack, and a rebuild with another g++)
-#   triton     TRITON_INTERPRET=0 pytest tests/test_triton.py (quick selection: FASTLIN_GPU_QUICK=1)
 #   bench      bench/gpu_bench.py: eager, torch.compile, fastlin triton/cuda, the copy-bandwidth limit
-#   cuda       pytest tests/test_cuda*.py (when present)
 #   sanitizer  compute-sanitizer memcheck on a small cuda train_step (when the cuda backend built)
 #   profile    only when named in GPU_CHECK_STAGES: Nsight Compute metrics of the kernels behind the
 #              missed targets (bench/gpu_profile.py)
-#   generic    the generic suite (tests/test_*.py) filtered to its cuda/triton cases, in the time left
-# The bench runs before the longer test stages so a slow build or test run cannot starve it.
+#   tests      every GPU test in one pytest-xdist pool, in the time left: tests/test_triton.py,
+#              tests/test_cuda*.py and the cuda/triton cases of the other test files
+# The bench runs before the tests so a slow build or test run cannot starve it.
 # Everything finishes within GPU_CHECK_BUDGET seconds (default 460, under the 8-minute limit); each
 # stage gets `timeout` with what is left after the later stages' reserve. The table comes last.
 # Environment: OUT (results dir), PYTHON (default python), GPU_CHECK_BUDGET, GPU_CHECK_SKIP_BUILD=1
 # (already installed), MAX_JOBS (build parallelism, default nproc), GPU_CHECK_STAGES (a subset of
-# "build exceptions triton bench cuda sanitizer generic" for a short rerun; default all),
-# GPU_CHECK_WORKERS (pytest-xdist workers of the generic stage, default 14), GPU_BENCH_ARGS (extra
+# "build exceptions bench sanitizer tests", plus "profile", for a short rerun; default all but
+# profile), GPU_CHECK_WORKERS (pytest-xdist workers of the tests stage, default 14), GPU_BENCH_ARGS (extra
 # arguments of gpu_bench.py, e.g. --no-compile for a rerun).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -182,52 +181,12 @@ if want exceptions && [ -n "$(ls fastlin/_C*.so 2>/dev/null)" ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
-# Triton correctness on the GPU (no interpreter): every kernel against the float64 reference.
-# FASTLIN_TRITON_AUTOTUNE=0: one heuristic config per shape (autotuning every test shape costs minutes).
-# Four pytest processes on contiguous slices (bench/pytest_shard.py): the time goes into compiling
-# each kernel specialisation once, and one process compiles one at a time.
-SHARDS=${GPU_CHECK_SHARDS:-4}
-export PY SHARDS OUT_DIR
-want triton && stage triton-tests 90 110 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
-    PYTHONPATH="$ROOT/bench:$PYTHONPATH" bash -c '
-    pids=""
-    tails() {
-        for i in $(seq 0 $((SHARDS - 1))); do echo "-- shard $i/$SHARDS"; tail -25 /tmp/fastlin_triton_shard_$i.log; done
-        [ -n "$OUT_DIR" ] && cat /tmp/fastlin_triton_shard_*.log > "$OUT_DIR"/triton_tests.log 2>/dev/null
-    }
-    trap "kill \$pids 2>/dev/null; tails; exit 124" TERM INT
-    for i in $(seq 0 $((SHARDS - 1))); do
-        $PY -m pytest -q -p no:cacheprovider -p pytest_shard --shard $i/$SHARDS \
-            -W ignore::DeprecationWarning tests/test_triton.py --tb=short -rfE > /tmp/fastlin_triton_shard_$i.log 2>&1 &
-        pids="$pids $!"
-    done
-    rc=0
-    for p in $pids; do wait $p || rc=1; done
-    tails
-    exit $rc'
-
-# ------------------------------------------------------------------------------------------------
 # the bench (autotuning on): table written to $OUT and printed again at the very end
 TABLE=${OUT_DIR:-/tmp}/gpu_bench_table.txt
 rm -f "$TABLE"
 want bench && stage bench 110 20 env TRITON_INTERPRET=0 OUT="${OUT_DIR:-/tmp}" $PY bench/gpu_bench.py ${GPU_BENCH_ARGS:-}
 
 # ------------------------------------------------------------------------------------------------
-CUDA_TESTS=$(ls tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
-# pytest-xdist when it is there (the GPU image has it): a crashing test then costs one worker, not
-# the stage, and kernel compilation runs in parallel
-XDIST_OK=0
-$PY -c "import xdist" 2>/dev/null && XDIST_OK=1
-xdist() { [ "$XDIST_OK" = 1 ] && echo "-n $1"; }
-if ! want cuda; then
-    :
-elif [ -n "$CUDA_TESTS" ]; then
-    stage cuda-tests 90 15 env TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider $(xdist 4) $CUDA_TESTS \
-        --tb=line -rfE
-else
-    log "no tests/test_cuda*.py"; SUMMARY+=("cuda-tests: none present")
-fi
-
 if ! want sanitizer; then
     :
 elif $PY -c "import fastlin, sys; sys.exit(0 if fastlin.backends.status()['cuda'][0] else 1)" 2>/dev/null \
@@ -262,26 +221,40 @@ if named profile; then
     fi
 fi
 
-# (test_triton_writes.py runs on the CPU alone: CI has it)
-GENERIC=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton.py -e test_triton_writes.py -e 'test_cuda' | tr '\n' ' ')
-if ! want generic; then
+# pytest-xdist when it is there (the GPU image has it): a crashing test then costs one worker, not
+# the stage, and kernel compilation runs in parallel
+XDIST_OK=0
+$PY -c "import xdist" 2>/dev/null && XDIST_OK=1
+xdist() { [ "$XDIST_OK" = 1 ] && echo "-n $1"; }
+# Every GPU test in one pytest-xdist pool, last, in the time left: tests/test_triton.py (Triton
+# kernels against the float64 reference; FASTLIN_GPU_QUICK=1: its GPU shape selection),
+# tests/test_cuda*.py, and the cuda / triton cases of every other test file (parity, gradcheck,
+# opcheck, torch.compile, modules, optimizer, regressor). FASTLIN_TRITON_AUTOTUNE=0: one heuristic
+# config per shape (autotuning every test shape costs minutes). One pool instead of three stages in
+# a row (the lease of 2026-11-26 05:29 spent 76 + 40 s on the first two and cut the third at 89%).
+# (tests/test_triton_writes.py runs on the CPU alone: CI has it.)
+TESTS=$(ls tests/test_*.py 2>/dev/null | grep -v -e test_triton_writes.py | tr '\n' ' ')
+if ! want tests; then
     :
-elif [ -n "$GENERIC" ]; then
-    # one line per test (-v) into generic.log, and each failure's message into failures.log as it
+elif [ -n "$TESTS" ]; then
+    # one line per test (-v) into tests.log, and each failure's message into failures.log as it
     # happens (tests/conftest.py, FASTLIN_FAIL_LOG), so a run cut short by the budget still says
     # what failed and why
-    GLOG=${OUT_DIR:-/tmp}/generic.log
+    GLOG=${OUT_DIR:-/tmp}/tests.log
     FLOG=${OUT_DIR:-/tmp}/failures.log
     rm -f "$FLOG"
-    stage generic-gpu-tests 300 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_FAIL_LOG="$FLOG" bash -c "\
+    stage gpu-tests 420 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
+        FASTLIN_FAIL_LOG="$FLOG" bash -c "\
         $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist "${GPU_CHECK_WORKERS:-14}") \
-        $GENERIC -k '(cuda or triton) and not reference-cuda' --tb=short -rfE > $GLOG 2>&1"
-    log "generic tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
-$(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes; first failures:"
+        $TESTS -k '(cuda or triton) and not reference-cuda' --tb=short -rfE > $GLOG 2>&1"
+    log "gpu tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
+$(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes, \
+last progress $(grep -o '\[ *[0-9]*%\]' "$GLOG" | tail -1); first failures:"
     [ -f "$FLOG" ] && head -60 "$FLOG"
     grep -E 'crashed|node down' "$GLOG" | head -10
+    tail -3 "$GLOG"
 else
-    log "no generic test files besides test_triton.py / test_cuda*.py"; SUMMARY+=("generic-gpu-tests: none present")
+    log "no tests/test_*.py"; SUMMARY+=("gpu-tests: none present")
 fi
 
 # ------------------------------------------------------------------------------------------------

@@ -324,6 +324,25 @@ def test_linear_mse_loss_low_precision(device, dtype, shape):
         check(o, r, dtype, name)
 
 
+@pytest.mark.parametrize("D", [64, 257], ids=["one-chunk", "chunked"])
+def test_bf16_x_on_the_dot_path_is_float32_exact(device, D):
+    """bfloat16 x and targets, float32 parameters, O > 4 (tl.dot): the kernel multiplies x by three
+    bf16 pieces of W (and the residuals by x in three pieces), so every product is exact and the
+    step must meet the float32 tolerance against float64 math on the same bf16 values (one piece
+    alone would be ~1e-3 off)."""
+    N, O = 37, 17
+    pl = OP.plan(N, D, O, torch.bfloat16, torch.device(device))
+    assert pl.USE_DOT and pl.SPLIT and pl.ONE_CHUNK == (D == 64)
+    x, t = rand(N, D, dtype=torch.bfloat16, device=device), rand(N, O, dtype=torch.bfloat16, device=device)
+    w, b = rand(O, D, device=device) / 8, rand(O, device=device)
+    wt, bt, wr, br = w.clone(), b.clone(), d64(w), d64(b)
+    loss = T.train_step(x, t, wt, bt, None, None, None, 0.01, 0.0, 0.0, 0.0, False, False, False)
+    lref = R.train_step(d64(x), d64(t), wr, br, None, None, None, 0.01, 0.0, 0.0, 0.0, False, False, False)
+    check(loss, lref, f32, "loss")
+    check_update(wt, w, wr, f32, "weight update")
+    check_update(bt, b, br, f32, "bias update")
+
+
 @pytest.mark.parametrize(
     "mask",
     [(False, True, True, False), (True, False, False, True), (False,) * 4, (False, False, True, False)],

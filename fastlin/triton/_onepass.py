@@ -15,7 +15,9 @@ Two code paths by O:
     product; the dW accumulator keeps the row axis and is reduced once at the end, so a tile costs
     one row reduction (the dot x_i . w) and no column reduction. Exact fp32, no tensor cores.
   * O > 4: tl.dot for x W^T and g^T x with BLOCK_O >= 16 (tl.dot's minimum), input_precision from
-    fastlin.triton settings ("ieee" by default).
+    fastlin.triton settings ("ieee" by default). A bfloat16 x (SPLIT) stays bfloat16: each float32
+    operand it meets (W, the residuals) goes in as three bf16 pieces that sum to it exactly, so every
+    product is exact and the sums are float32, on the bf16 tensor cores whatever the precision setting.
 Rows wider than MAX_BLOCK_D columns are walked in BLOCK_D chunks (ONE_CHUNK=False): a first loop
 computes the residual, a second one re-reads the (cache-hot) tile and accumulates dW in the
 program's own workspace slice (read-modify-write by its owner only: deterministic).
@@ -145,6 +147,45 @@ def _gathered(r0, mask_n, idx_ptr, IDX64: tl.constexpr):
     return rows
 
 
+@triton.jit
+def _bf16_pieces(v):
+    """Three bfloat16 tensors whose sum is the float32 tensor v exactly: each is the rest of v rounded
+    to bf16 (3 x 8 significand bits cover float32's 24; bf16 has float32's exponent range)."""
+    p1 = v.to(tl.bfloat16)
+    rest = v - p1.to(tl.float32)
+    p2 = rest.to(tl.bfloat16)
+    p3 = (rest - p2.to(tl.float32)).to(tl.bfloat16)
+    return p1, p2, p3
+
+
+@triton.jit
+def _dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for bfloat16 a and b, float32 sums. (Triton 3.6's interpreter returns garbage for a
+    bf16 tl.dot; there the exact bf16 values go in as float32, the same products.)"""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot_split_b(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for a bfloat16 and b float32 (b in three bf16 pieces, smallest first)."""
+    b1, b2, b3 = _bf16_pieces(b)
+    acc = _dot_bf16(a, b3, acc, INTERPRET)
+    acc = _dot_bf16(a, b2, acc, INTERPRET)
+    return _dot_bf16(a, b1, acc, INTERPRET)
+
+
+@triton.jit
+def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for a float32 and b bfloat16 (a in three bf16 pieces, smallest first)."""
+    a1, a2, a3 = _bf16_pieces(a)
+    acc = _dot_bf16(a3, b, acc, INTERPRET)
+    acc = _dot_bf16(a2, b, acc, INTERPRET)
+    return _dot_bf16(a1, b, acc, INTERPRET)
+
+
 @triton.autotune(
     configs=_onepass_configs(),
     key=[
@@ -153,6 +194,7 @@ def _gathered(r0, mask_n, idx_ptr, IDX64: tl.constexpr):
         "BLOCK_D",
         "BLOCK_O",
         "USE_DOT",
+        "SPLIT",
         "ONE_CHUNK",
         "GATHER",
         "GIVEN_G",
@@ -205,6 +247,7 @@ def _onepass_kernel(
     NEED_GX: tl.constexpr,
     NEED_GT: tl.constexpr,
     USE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
     IDX64: tl.constexpr,
     ACC: tl.constexpr,
@@ -318,13 +361,17 @@ def _onepass_kernel(
                         x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
                         mask=mask_n[:, None] & mask_d[None, :],
                         other=0,
-                    ).to(ACC)
+                    )
+                    if not SPLIT:
+                        x = x.to(ACC)
                 if GIVEN_G:
                     g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
                         ACC
                     )
                 else:
-                    if USE_DOT:
+                    if SPLIT:  # (W's pieces are loop-invariant: the compiler hoists them)
+                        pred = _dot_split_b(x, tl.trans(w), tl.zeros((BLOCK_N, BLOCK_O), ACC), INTERPRET)
+                    elif USE_DOT:
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                     else:
                         pred = fma_mm_nt(x, w, BLOCK_D)
@@ -359,7 +406,9 @@ def _onepass_kernel(
                             mask=mask_n[:, None] & mask_d[None, :],
                         )
                 if NEED_GW:
-                    if USE_DOT:
+                    if SPLIT:
+                        acc_w = _dot_split_a(tl.trans(g), x, acc_w, INTERPRET)
+                    elif USE_DOT:
                         acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                     else:
                         acc_w += g[:, :, None] * x[:, None, :]
@@ -406,13 +455,17 @@ def _onepass_kernel(
                             x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
                             mask=mask_n[:, None] & mask_d[None, :],
                             other=0,
-                        ).to(ACC)
+                        )
+                        if not SPLIT:
+                            x = x.to(ACC)
                         w = tl.load(
                             w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
                             mask=mask_o[:, None] & mask_d[None, :],
                             other=0,
                         ).to(ACC)
-                        if USE_DOT:
+                        if SPLIT:
+                            pred = _dot_split_b(x, tl.trans(w), pred, INTERPRET)
+                        elif USE_DOT:
                             pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                         else:
                             pred += fma_mm_nt(x, w, BLOCK_D)
@@ -445,8 +498,12 @@ def _onepass_kernel(
                                 x_ptr + rows[:, None] * s_xn + dd[None, :] * s_xd,
                                 mask=mask_n[:, None] & mask_d[None, :],
                                 other=0,
-                            ).to(ACC)
-                            if USE_DOT:
+                            )
+                            if not SPLIT:
+                                x = x.to(ACC)
+                            if SPLIT:
+                                c = _dot_split_a(tl.trans(g), x, tl.zeros((BLOCK_O, BLOCK_D), ACC), INTERPRET)
+                            elif USE_DOT:
                                 c = tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                             else:
                                 c = tl.sum(g[:, :, None] * x[:, None, :], axis=0)
@@ -750,6 +807,7 @@ class Plan:
     BLOCK_O: int
     BLOCK_D: int
     USE_DOT: bool
+    SPLIT: bool  # bf16 x on the tl.dot path: float32 operands as three bf16 pieces (exact products)
     ONE_CHUNK: bool
     acc: torch.dtype
 
@@ -780,6 +838,7 @@ def plan(n_rows: int, D: int, O: int, dtype: torch.dtype, device: torch.device) 
         BLOCK_O=bo,
         BLOCK_D=bd,
         USE_DOT=use_dot,
+        SPLIT=use_dot and dtype == torch.bfloat16,
         ONE_CHUNK=D <= bd,
         acc=acc,
     )
@@ -880,6 +939,7 @@ def run_onepass(
         NEED_GX=gx is not None,
         NEED_GT=gt is not None,
         USE_DOT=pl.USE_DOT,
+        SPLIT=pl.SPLIT,
         ONE_CHUNK=pl.ONE_CHUNK,
         IDX64=_needs_int64(x, y, idx, sw, gx, gt),
         ACC=K.tl_acc(pl.acc),

@@ -122,6 +122,16 @@ def _prune_onepass(configs, named_args, **kwargs):
         # D = 256 on an H200: 2.16 / 4.57 ms against 2.72 / 7.28 ms for the pipelined tiles kept
         # since; "ieee" 11.2 against 10.4 ms).
         out.append(smallest)
+    if dot and x_bytes == 2:
+        # bf16 x on the tl.dot path (three-piece split, bf16 mma.sync; sm_90a, D = 256, O = 16): ptxas
+        # gives 154-210 registers at 8 warps (one program per SM resident) and 164-168 at 4 warps and
+        # 16 rows, no spills (two per SM fit): those are candidates too
+        out += [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) in ((16, 4, 3), (16, 4, 1))
+            and c not in out
+        ]
     return out if K.AUTOTUNE else out[:1]
 
 

@@ -214,7 +214,7 @@ fi
 if named profile; then
     if command -v ncu >/dev/null; then
         NCSV=${OUT_DIR:-/tmp}/ncu.csv
-        stage profile 120 8 bash -c "ncu --csv --metrics $($PY bench/gpu_profile.py --metrics) \
+        stage profile 120 8 bash -c "ncu --csv --profile-from-start off --metrics $($PY bench/gpu_profile.py --metrics) \
             $PY bench/gpu_profile.py > $NCSV 2>&1; $PY bench/gpu_profile.py --summarize $NCSV"
     else
         log "profile stage skipped: no ncu on PATH"; SUMMARY+=("profile: skipped (no ncu)")

@@ -1,11 +1,11 @@
 """The kernels behind the GPU bench's missed targets, for Nsight Compute (the "profile" stage of
 bench/gpu_check.sh, opt-in):
 
-    ncu --metrics <list> --csv python bench/gpu_profile.py     # what gpu_check.sh runs
+    ncu --csv --profile-from-start off --metrics <list> python bench/gpu_profile.py   # gpu_check.sh
     python bench/gpu_profile.py --summarize ncu.csv             # one line per kernel launch
 
-Each case runs twice (the first call compiles/autotunes; ncu's --launch-skip is not needed because
-the summary lists every launch in order). Cases: train_step O = 1 on
+Each case is warmed up outside the profiled range (compilation, autotuning), then runs once inside
+it (`ncu --profile-from-start off`). Cases: train_step O = 1 on
 1M x 256 rows in fp32 and bf16 on both backends (H200, 4M x 256: bf16 at 73% (Triton) / 85% (CUDA)
 of its read limit against fp32's 99% / 105%), and sgd_update_ of a 4096 x 4096 layer + bias with
 momentum on both backends (63% / 58% of the copy bandwidth) and, for comparison, torch's fused SGD
@@ -33,46 +33,63 @@ METRICS = (
 
 
 def run_cases() -> None:
+    """Every case once under the profiler, after a warm-up outside it (compilation, autotuning: with
+    `ncu --profile-from-start off` only the launches between cudaProfilerStart/Stop are profiled)."""
     import torch
 
     import fastlin
     from fastlin import ops
 
     status = fastlin.backends.status()
+    cases = []
     n, d = 1 << 20, 256
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(n, d, device="cuda").to(dtype)
         y = torch.randn(n, 1, device="cuda").to(dtype)
         for backend in ("triton", "cuda"):
-            if not status[backend][0]:
-                continue
-            w, b = torch.zeros(1, d, device="cuda"), torch.zeros(1, device="cuda")
-            for _ in range(2):
-                ops.train_step(x, y, w, b, None, None, None, lr=0.01, backend=backend)
-            torch.cuda.synchronize()
+            if status[backend][0]:
+                w, b = torch.zeros(1, d, device="cuda"), torch.zeros(1, device="cuda")
+                cases.append(
+                    (
+                        f"train_step O=1 {str(dtype)[6:]} {backend}",
+                        lambda x=x, y=y, w=w, b=b, be=backend: ops.train_step(
+                            x, y, w, b, lr=0.01, backend=be
+                        ),
+                    )
+                )
     p = [torch.randn(4096, 4096, device="cuda"), torch.randn(4096, device="cuda")]
     g = [torch.randn_like(t) for t in p]
     buf = [torch.zeros_like(t) for t in p]
     for backend in ("cuda", "triton"):
-        if not status[backend][0]:
-            continue
-        for _ in range(2):
-            ops.sgd_update_(p, g, buf, lr=0.01, momentum=0.9, backend=backend)
-        torch.cuda.synchronize()
+        if status[backend][0]:
+            cases.append(
+                (
+                    f"sgd_update_ {backend}",
+                    lambda be=backend: ops.sgd_update_(p, g, buf, lr=0.01, momentum=0.9, backend=be),
+                )
+            )
     tp = [t.clone().requires_grad_(True) for t in p]
     for t, gg in zip(tp, g):
         t.grad = gg.clone()
     opt = torch.optim.SGD(tp, lr=0.01, momentum=0.9, fused=True)
-    for _ in range(3):  # the first step creates the buffers (no read of them)
-        opt.step()
+    cases.append(("torch fused SGD", opt.step))
+    for _, fn in cases:  # warm-up: the first fused step also creates its buffers
+        fn()
+        fn()
     torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for label, fn in cases:
+        print(f"gpu_profile case: {label}", flush=True)
+        fn()
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
     print("gpu_profile: cases done")
 
 
 def summarize(path: str) -> None:
-    """ncu --csv output -> one line per kernel launch, in launch order (cases in the order above:
-    train_step fp32 triton, cuda; bf16 triton, cuda; sgd_update_ cuda, triton; two calls each; then
-    torch's fused SGD, three steps)."""
+    """ncu --csv output -> one line per kernel launch, in launch order (the cases of run_cases, once
+    each: train_step fp32 triton, cuda; bf16 triton, cuda; sgd_update_ cuda, triton; torch's fused
+    SGD)."""
     with open(path, newline="") as f:
         lines = [ln for ln in f if ln.startswith('"')]  # ncu prints its own log lines too
     rows = list(csv.DictReader(lines))

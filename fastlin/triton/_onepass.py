@@ -158,6 +158,17 @@ def _gathered(r0, mask_n, idx_ptr, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _tile_col(
+    t, offs_n, n_rows, idx_ptr, v_ptr, s_vn, BLOCK_N: tl.constexpr, GATHER: tl.constexpr, IDX64: tl.constexpr
+):
+    """The (BLOCK_N,) column v[rows of tile t] (0 past the end), for a one-output y or g."""
+    rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
+    if GATHER:
+        rows = _gathered(rows, mask_n, idx_ptr, IDX64)
+    return tl.load(v_ptr + rows * s_vn, mask=mask_n, other=0)
+
+
+@triton.jit
 def _bf16_pieces(v):
     """Three bfloat16 tensors whose sum is the float32 tensor v exactly: each is the rest of v rounded
     to bf16 (3 x 8 significand bits cover float32's 24; bf16 has float32's exponent range)."""
@@ -292,10 +303,17 @@ def _onepass_kernel(
         acc_b = tl.zeros((BLOCK_N,), ACC)
         acc_l = tl.zeros((BLOCK_N,), ACC)
         acc_s = tl.zeros((BLOCK_N,), ACC)
+        # y (or the given g) one tile ahead: the software pipeliner prefetches loads through cp.async,
+        # which moves 4 bytes at least, so a 2-byte y stayed a synchronous load in the middle of every
+        # tile (sm_90a SASS: LDG.E.U16 after the barrier), its DRAM latency on the critical path.
+        # Loaded one iteration early, it is in flight during the previous tile.
+        v_next = _tile_col(pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
         for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
             rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
             if GATHER:
                 rows = _gathered(rows, mask_n, idx_ptr, IDX64)
+            v = v_next.to(ACC)
+            v_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
             if NEED_GW or not GIVEN_G:  # (grad_bias alone from a given gradient never reads x)
                 x = tl.load(
                     x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
@@ -303,11 +321,9 @@ def _onepass_kernel(
                     other=0,
                 ).to(ACC)
             if GIVEN_G:
-                g = tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
+                g = v
             else:
-                r = tl.sum(x * w1[None, :], axis=1) - tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(
-                    ACC
-                )
+                r = tl.sum(x * w1[None, :], axis=1) - v
                 if HAS_BIAS:
                     r = r + b1
                 r = tl.where(mask_n, r, 0)  # tail rows would otherwise carry the bias

@@ -306,14 +306,20 @@ def _onepass_kernel(
         # y (or the given g) one tile ahead: the software pipeliner prefetches loads through cp.async,
         # which moves 4 bytes at least, so a 2-byte y stayed a synchronous load in the middle of every
         # tile (sm_90a SASS: LDG.E.U16 after the barrier), its DRAM latency on the critical path.
-        # Loaded one iteration early, it is in flight during the previous tile.
+        # Loaded one iteration early, it is in flight during the previous tile. The same for the
+        # sample weights.
         v_next = _tile_col(pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
+        if HAS_SW and not GIVEN_G:
+            sw_next = _tile_col(pid, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
         for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
             rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
             if GATHER:
                 rows = _gathered(rows, mask_n, idx_ptr, IDX64)
             v = v_next.to(ACC)
             v_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
+            if HAS_SW and not GIVEN_G:
+                sw = sw_next.to(ACC)
+                sw_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
             if NEED_GW or not GIVEN_G:  # (grad_bias alone from a given gradient never reads x)
                 x = tl.load(
                     x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
@@ -328,7 +334,6 @@ def _onepass_kernel(
                     r = r + b1
                 r = tl.where(mask_n, r, 0)  # tail rows would otherwise carry the bias
                 if HAS_SW:
-                    sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
                     g = r * sw
                     acc_s += sw
                 else:

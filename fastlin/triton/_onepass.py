@@ -169,6 +169,30 @@ def _tile_col(
 
 
 @triton.jit
+def _tile_block(
+    t,
+    offs_n,
+    n_rows,
+    idx_ptr,
+    v_ptr,
+    s_vn,
+    s_vo,
+    offs_o,
+    mask_o,
+    BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """The (BLOCK_N, BLOCK_O) block v[rows of tile t, outputs offs_o] (0 outside), for y or g."""
+    rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
+    if GATHER:
+        rows = _gathered(rows, mask_n, idx_ptr, IDX64)
+    return tl.load(
+        v_ptr + rows[:, None] * s_vn + offs_o[None, :] * s_vo, mask=mask_n[:, None] & mask_o[None, :], other=0
+    )
+
+
+@triton.jit
 def _bf16_pieces(v):
     """Three bfloat16 tensors whose sum is the float32 tensor v exactly: each is the rest of v rounded
     to bf16 (3 x 8 significand bits cover float32's 24; bf16 has float32's exponent range)."""
@@ -382,11 +406,25 @@ def _onepass_kernel(
                 acc_w = tl.zeros((BLOCK_O, BLOCK_D), ACC)
             else:
                 acc_w = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_D), ACC)
+            # y (or the given g) and the sample weights one tile ahead, as on the O = 1 path: a 2-byte
+            # y is loaded element by element (LDG.E.U16), which cp.async cannot prefetch
+            v_next = _tile_block(
+                pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, s_yo, offs_o, mask_o, BLOCK_N, GATHER, IDX64
+            )
+            if HAS_SW and not GIVEN_G:
+                sw_next = _tile_col(pid, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
             for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
                 rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
                 if GATHER:
                     rows = _gathered(rows, mask_n, idx_ptr, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
+                v = v_next.to(ACC)
+                v_next = _tile_block(
+                    t + P, offs_n, n_rows, idx_ptr, y_ptr, s_yn, s_yo, offs_o, mask_o, BLOCK_N, GATHER, IDX64
+                )
+                if HAS_SW and not GIVEN_G:
+                    sw = sw_next.to(ACC)
+                    sw_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
                 if NEED_GW or not GIVEN_G:
                     x = tl.load(
                         x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
@@ -396,9 +434,7 @@ def _onepass_kernel(
                     if not SPLIT:
                         x = x.to(ACC)
                 if GIVEN_G:
-                    g = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
-                        ACC
-                    )
+                    g = v
                 else:
                     if SPLIT:  # (W's pieces are loop-invariant: the compiler hoists them)
                         pred = _dot_split_b(x, tl.trans(w), tl.zeros((BLOCK_N, BLOCK_O), ACC), INTERPRET)
@@ -406,15 +442,11 @@ def _onepass_kernel(
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                     else:
                         pred = fma_mm_nt(x, w, BLOCK_D)
-                    y = tl.load(y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo, mask=m2, other=0).to(
-                        ACC
-                    )
-                    r = pred - y
+                    r = pred - v
                     if HAS_BIAS:
                         r = r + b[None, :]
                     r = tl.where(m2, r, 0)  # tail rows would otherwise carry the bias
                     if HAS_SW:
-                        sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
                         g = r * sw[:, None]
                         acc_s += sw
                     else:

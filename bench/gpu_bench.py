@@ -475,7 +475,7 @@ def sgd_launch_shapes(ps, gs, bufs, backends) -> dict:
     return {k: v["median"] for k, v in res.items()}
 
 
-def variant_names(rows: list, names: list) -> list:
+def variant_names(rows: list) -> list:
     """Result names that are variants of a contender listed under the table, not as columns."""
     return sorted({n for r in rows for n in r["results"] if ":pps" in n})
 
@@ -513,7 +513,7 @@ def table(rows: list, bw_gbs: float, names: list) -> str:
             else:
                 line += f"{'-':>11}{'-':>13}{'-':>12}"
         lines.append(line)
-    variants = variant_names(rows, names)
+    variants = variant_names(rows)
     for r in rows:
         vs = [v for v in variants if v in r["results"]]
         if vs:
@@ -585,7 +585,7 @@ def main() -> int:
     def save(rows) -> str:
         # columns: the contenders, torch's fused SGD and the tl.dot precisions; other variants
         # (e.g. triton:pps3) are listed under the table
-        extra = sorted({n for r in rows for n in r["results"]} - set(names) - set(variant_names(rows, names)))
+        extra = sorted({n for r in rows for n in r["results"]} - set(names) - set(variant_names(rows)))
         text = table(rows, bw, names + extra)
         if jpath:
             with open(jpath, "w") as f:

@@ -158,13 +158,23 @@ def _gathered(r0, mask_n, idx_ptr, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _loaded_rows(
+    t, offs_n, n_rows, idx_ptr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr, IDX64: tl.constexpr
+):
+    """The rows of tile t and their mask, gathered when GATHER: for loads only (_tile_rows says why
+    stored addresses must not come from a call that takes idx_ptr)."""
+    rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
+    if GATHER:
+        rows = _gathered(rows, mask_n, idx_ptr, IDX64)
+    return rows, mask_n
+
+
+@triton.jit
 def _tile_col(
     t, offs_n, n_rows, idx_ptr, v_ptr, s_vn, BLOCK_N: tl.constexpr, GATHER: tl.constexpr, IDX64: tl.constexpr
 ):
     """The (BLOCK_N,) column v[rows of tile t] (0 past the end), for a one-output y or g."""
-    rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
-    if GATHER:
-        rows = _gathered(rows, mask_n, idx_ptr, IDX64)
+    rows, mask_n = _loaded_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
     return tl.load(v_ptr + rows * s_vn, mask=mask_n, other=0)
 
 
@@ -184,9 +194,7 @@ def _tile_block(
     IDX64: tl.constexpr,
 ):
     """The (BLOCK_N, BLOCK_O) block v[rows of tile t, outputs offs_o] (0 outside), for y or g."""
-    rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
-    if GATHER:
-        rows = _gathered(rows, mask_n, idx_ptr, IDX64)
+    rows, mask_n = _loaded_rows(t, offs_n, n_rows, idx_ptr, BLOCK_N, GATHER, IDX64)
     return tl.load(
         v_ptr + rows[:, None] * s_vn + offs_o[None, :] * s_vo, mask=mask_n[:, None] & mask_o[None, :], other=0
     )

@@ -5,8 +5,8 @@ Backends:
   cuda       CUDA C++ kernels registered for CUDA tensors (fastlin._C built with FASTLIN_BUILD_CUDA)
   triton     Triton kernels (fastlin.triton) on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1
   reference  plain torch (fastlin.reference), any device; the oracle of the tests
-  auto       cpp on the CPU; on CUDA, per op, the GPU backend measured faster (_AUTO_CUDA), else
-             the other one, else reference
+  auto       cpp on the CPU; on CUDA, the GPU backend measured faster (_AUTO_CUDA_DEFAULT, or the op's
+             entry in _AUTO_CUDA), else the other one, else reference
 
 The default comes from the FASTLIN_BACKEND environment variable (read at import, "auto" if unset);
 most entry points also take ``backend=``.
@@ -114,13 +114,14 @@ def _validate(name: str) -> str:
     return name.lower()
 
 
-# auto on CUDA tensors: the backends to try, per op, fastest first as measured on an H200
-# (bench/RESULTS.md, "## GPU", 2026-11-26): the one-pass ops run faster on Triton (train_step 4M x
-# 256, O = 1: 1.10 vs 1.18 ms fp32, 0.74 vs 0.99 ms bf16; O = 16: 10.4 vs 41.0 ms), sgd_update_
-# on CUDA C++ (0.15 vs 0.28 ms for 16.8M parameters); the rest is unmeasured and keeps CUDA C++ first.
-_ONE_PASS_FIRST = ("triton", "cuda")
-_AUTO_CUDA = {"train_step": _ONE_PASS_FIRST, "fit": _ONE_PASS_FIRST, "linear_mse_loss": _ONE_PASS_FIRST}
+# auto on CUDA tensors: the backends to try, fastest first as measured on an H200 (bench/RESULTS.md,
+# "### Third lease", 2026-11-26, default precision): CUDA C++ ran every measured case faster:
+# train_step 4M x 256, O = 1: 0.967 vs 1.032 ms fp32, 0.600 vs 0.698 ms bf16; O = 16: 4.71 vs
+# 10.39 ms fp32, 9.49 vs 10.63 ms bf16; linear_mse_loss O = 1 fp32: 0.970 vs 1.051 ms; sgd_update_
+# 16.8M parameters: 0.127 vs 0.196 ms. _AUTO_CUDA holds the ops a measurement puts on another order
+# (none since that lease; the second lease had Triton first for the one-pass ops).
 _AUTO_CUDA_DEFAULT = ("cuda", "triton")
+_AUTO_CUDA: dict[str, tuple[str, ...]] = {}
 
 
 def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:

@@ -26,6 +26,18 @@ METRICS = (
     ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "sm %peak"),
     ("l1tex__throughput.avg.pct_of_peak_sustained_active", "l1 %peak"),
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "occupancy %"),
+    ("smsp__inst_executed.sum", "warp instr"),
+    ("smsp__issue_active.avg.pct_of_peak_sustained_active", "issue %"),
+    # where the warps wait, in % of active warp cycles (what tells a latency-bound kernel from an
+    # instruction-bound one): global loads outstanding (long scoreboard), __syncthreads, shared
+    # memory / shuffles (short scoreboard), the load-store queue full (lg throttle), the MIO queue
+    # full (mio throttle), fixed-latency dependencies (wait)
+    ("smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct", "st:global"),
+    ("smsp__warp_issue_stalled_barrier_per_warp_active.pct", "st:barrier"),
+    ("smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct", "st:shared"),
+    ("smsp__warp_issue_stalled_lg_throttle_per_warp_active.pct", "st:lg-thr"),
+    ("smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct", "st:mio-thr"),
+    ("smsp__warp_issue_stalled_wait_per_warp_active.pct", "st:wait"),
     ("launch__registers_per_thread", "regs"),
     ("launch__grid_size", "grid"),
     ("launch__block_size", "block"),

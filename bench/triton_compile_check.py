@@ -8,8 +8,10 @@ them; this runs the real compiler (Triton -> PTX, then the bundled ptxas) on the
 specialisations a launch would produce: the ops are called on CPU tensors with the launch replaced
 by a recorder, and every recorded launch is compiled for each config the autotuner would try.
 Exit status 1 on a compile error, on register spills in the train_step / linear_mse_loss kernels
-of the bench shapes (the hot path must not spill), or on a one-pass config whose shared memory keeps
-PROGRAMS_PER_SM programs from sharing an SM. Needs no GPU and no CUDA driver.
+of the bench shapes (the hot path must not spill), on a pipelined one-pass config of those kernels
+(NUM_STAGES > 1) whose PTX has no cp.async (Triton's software pipeliner declined the loop), or on a
+one-pass config whose shared memory keeps PROGRAMS_PER_SM programs from sharing an SM. Needs no GPU
+and no CUDA driver.
 """
 
 from __future__ import annotations
@@ -151,6 +153,19 @@ def compile_all(label: str, fn_call, target: GPUTarget, arch: str, hot: bool) ->
                 problems.append(
                     f"{label}: {jit.__name__} {desc} warps={num_warps}: "
                     f"{spill} bytes of spills on the hot path"
+                )
+            if (
+                hot
+                and jit.__name__ == "_onepass_kernel"
+                and kw.get("NUM_STAGES", 1) > 1
+                and "cp.async" not in ck.asm["ptx"]
+            ):
+                # the tile loop asked for NUM_STAGES stages but Triton's software pipeliner declined
+                # (x then arrives by synchronous loads in every tile); e.g. y carried two tiles ahead
+                # in registers made it drop the x prefetch of the O = 1 loop (sm_90a, Triton 3.6)
+                problems.append(
+                    f"{label}: {jit.__name__} {desc} warps={num_warps}: NUM_STAGES="
+                    f"{kw['NUM_STAGES']} but no cp.async in the PTX (the tile loop is not pipelined)"
                 )
             if jit.__name__ == "_onepass_kernel" and ck.metadata.shared * K.PROGRAMS_PER_SM > SMEM_PER_SM:
                 # the persistent grid assumes PROGRAMS_PER_SM resident programs per SM

@@ -310,6 +310,7 @@ def _onepass_kernel(
     BLOCK_O: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -335,23 +336,32 @@ def _onepass_kernel(
         acc_b = tl.zeros((BLOCK_N,), ACC)
         acc_l = tl.zeros((BLOCK_N,), ACC)
         acc_s = tl.zeros((BLOCK_N,), ACC)
-        # y (or the given g) one tile ahead: the software pipeliner prefetches loads through cp.async,
-        # which moves 4 bytes at least, so a 2-byte y stayed a synchronous load in the middle of every
-        # tile (sm_90a SASS: LDG.E.U16 after the barrier), its DRAM latency on the critical path.
-        # Loaded one iteration early, it is in flight during the previous tile. The same for the
-        # sample weights.
-        v_next = _tile_col(pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
-        if HAS_SW and not GIVEN_G:
-            sw_next = _tile_col(pid, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
+        # y (or the given g) and the sample weights: the software pipeliner prefetches the tile's
+        # loads through cp.async (NUM_STAGES - 1 tiles ahead, in shared memory), which moves 4 bytes
+        # at least, so a 2-byte y stayed a synchronous load in the middle of every tile (sm_90a SASS:
+        # LDG.E.U16 after the barrier), its DRAM latency on the critical path. With AHEAD (a 2-byte
+        # y or weight) they are loaded one iteration early, in registers, and in flight during the
+        # previous tile; wider ones ride in the cp.async pipeline with x (float32: 99% of the read
+        # limit on an H200). (Two tiles ahead in registers made the pipeliner drop x's prefetch.)
+        if AHEAD:
+            v_next = _tile_col(pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
+            if HAS_SW and not GIVEN_G:
+                sw_next = _tile_col(pid, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
         for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
             rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
             if GATHER:
                 rows = _gathered(rows, mask_n, idx_ptr, IDX64)
-            v = v_next.to(ACC)
-            v_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
+            if AHEAD:
+                v = v_next.to(ACC)
+                v_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, y_ptr, s_yn, BLOCK_N, GATHER, IDX64)
+            else:
+                v = tl.load(y_ptr + rows * s_yn, mask=mask_n, other=0).to(ACC)
             if HAS_SW and not GIVEN_G:
-                sw = sw_next.to(ACC)
-                sw_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
+                if AHEAD:
+                    sw = sw_next.to(ACC)
+                    sw_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
+                else:
+                    sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
             if NEED_GW or not GIVEN_G:  # (grad_bias alone from a given gradient never reads x)
                 x = tl.load(
                     x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
@@ -414,25 +424,46 @@ def _onepass_kernel(
                 acc_w = tl.zeros((BLOCK_O, BLOCK_D), ACC)
             else:
                 acc_w = tl.zeros((BLOCK_N, BLOCK_O, BLOCK_D), ACC)
-            # y (or the given g) and the sample weights one tile ahead, as on the O = 1 path: a 2-byte
-            # y is loaded element by element (LDG.E.U16), which cp.async cannot prefetch
-            v_next = _tile_block(
-                pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, s_yo, offs_o, mask_o, BLOCK_N, GATHER, IDX64
-            )
-            if HAS_SW and not GIVEN_G:
-                sw_next = _tile_col(pid, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
+            # y (or the given g) and the sample weights as on the O = 1 path: with AHEAD (2-byte
+            # ones, which cp.async cannot prefetch) one tile ahead in registers, else in the pipeline
+            if AHEAD:
+                v_next = _tile_block(
+                    pid, offs_n, n_rows, idx_ptr, y_ptr, s_yn, s_yo, offs_o, mask_o, BLOCK_N, GATHER, IDX64
+                )
+                if HAS_SW and not GIVEN_G:
+                    sw_next = _tile_col(pid, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
             for t in tl.range(pid, n_tiles, P, num_stages=NUM_STAGES):
                 rows, mask_n = _tile_rows(t, offs_n, n_rows, BLOCK_N, IDX64)
                 if GATHER:
                     rows = _gathered(rows, mask_n, idx_ptr, IDX64)
                 m2 = mask_n[:, None] & mask_o[None, :]
-                v = v_next.to(ACC)
-                v_next = _tile_block(
-                    t + P, offs_n, n_rows, idx_ptr, y_ptr, s_yn, s_yo, offs_o, mask_o, BLOCK_N, GATHER, IDX64
-                )
+                if AHEAD:
+                    v = v_next.to(ACC)
+                    v_next = _tile_block(
+                        t + P,
+                        offs_n,
+                        n_rows,
+                        idx_ptr,
+                        y_ptr,
+                        s_yn,
+                        s_yo,
+                        offs_o,
+                        mask_o,
+                        BLOCK_N,
+                        GATHER,
+                        IDX64,
+                    )
+                else:
+                    yp = y_ptr + rows[:, None] * s_yn + offs_o[None, :] * s_yo
+                    v = tl.load(yp, mask=m2, other=0).to(ACC)
                 if HAS_SW and not GIVEN_G:
-                    sw = sw_next.to(ACC)
-                    sw_next = _tile_col(t + P, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64)
+                    if AHEAD:
+                        sw = sw_next.to(ACC)
+                        sw_next = _tile_col(
+                            t + P, offs_n, n_rows, idx_ptr, sw_ptr, s_sw, BLOCK_N, GATHER, IDX64
+                        )
+                    else:
+                        sw = tl.load(sw_ptr + rows * s_sw, mask=mask_n, other=0).to(ACC)
                 if NEED_GW or not GIVEN_G:
                     x = tl.load(
                         x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
@@ -1016,6 +1047,8 @@ def run_onepass(
         ACC=K.tl_acc(pl.acc),
         PRECISION=K.input_precision(),
         INTERPRET=K.INTERPRET,
+        # y / sample weights narrower than cp.async's 4 bytes: loaded a tile ahead in registers
+        AHEAD=min(y.element_size(), sw.element_size() if sw is not None else 4) < 4,
         BLOCK_D=pl.BLOCK_D,
         BLOCK_O=pl.BLOCK_O,
     )

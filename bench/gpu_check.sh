@@ -246,12 +246,14 @@ elif [ -n "$TESTS" ]; then
     stage gpu-tests 420 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
         FASTLIN_FAIL_LOG="$FLOG" bash -c "\
         $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist "${GPU_CHECK_WORKERS:-14}") \
-        $TESTS -k '(cuda or triton) and not reference-cuda' --tb=short -rfE > $GLOG 2>&1"
+        $TESTS -k '(cuda or triton) and not reference-cuda' --tb=short -rfE --durations=25 > $GLOG 2>&1"
     log "gpu tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
 $(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes, \
 last progress $(grep -o '\[ *[0-9]*%\]' "$GLOG" | tail -1); first failures:"
     [ -f "$FLOG" ] && head -60 "$FLOG"
     grep -E 'crashed|node down' "$GLOG" | head -10
+    # the slowest tests (what to trim when the stage is cut by the budget)
+    sed -n '/slowest .*durations/,/^$/p' "$GLOG" | head -28
     tail -3 "$GLOG"
 else
     log "no tests/test_*.py"; SUMMARY+=("gpu-tests: none present")

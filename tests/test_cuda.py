@@ -400,9 +400,10 @@ def _fit_by_train_steps(x, y, state, sw, *, epochs, batch_size, shuffle, seed, o
 def test_train_step_and_fit_on_the_cublas_path(o, dtype, pdtype, monkeypatch):
     """O > 4 on batches of >= 2^19 elements, and O > 16, take the ATen/cuBLAS path of
     csrc/cuda/train_step_cuda.cpp, which walks a batch in row chunks whose temporaries (a bf16 x's
-    float32 copy included) stay under FASTLIN_CUDA_ATEN_CHUNK_ELEMS elements (2^26 by default; 2^20
-    here: train_step's 140000 rows in 3 chunks of residuals, 11 of rows + residuals for bf16, each
-    gathered fit batch of 70000 rows in 6 chunks of rows + residuals).
+    products with the bf16 pieces included) stay under FASTLIN_CUDA_ATEN_CHUNK_ELEMS elements (2^26
+    by default; 2^20 here: train_step's 140000 rows in 3 chunks of residuals, 18 of pieces and
+    products for bf16, each gathered fit batch of 70000 rows in 6 chunks of rows + residuals, 13
+    for bf16).
     train_step against the float64 reference; fit (shuffled batches of 70000 rows, gathered by
     index, with sample weights) against train_step on the same rows."""
     monkeypatch.setenv("FASTLIN_CUDA_ATEN_CHUNK_ELEMS", str(1 << 20))
@@ -428,7 +429,8 @@ def test_train_step_and_fit_on_the_cublas_path(o, dtype, pdtype, monkeypatch):
     # The dtype's tolerance rather than bit equality (as on the row pass): fit gathers each chunk's
     # rows by index, train_step gets a gathered copy, and cuBLAS may pick another algorithm for
     # another pointer alignment; the math is the same.
-    # (in the accumulation dtype's tolerance: a bf16 x is widened exactly, the sums run in float32)
+    # (in the accumulation dtype's tolerance: a bf16 x meets the float32 operands as exact bf16
+    # pieces, the sums run in float32)
     for a, b in zip(s_fit, s_step):
         assert rel_error(a, b) <= REL_TOL[pdtype], "fit and train_step on the same rows differ"
     assert rel_error(hist, torch.tensor(want, dtype=torch.float64)) <= REL_TOL[pdtype]

@@ -87,8 +87,9 @@ inline bool rows_vec_ok(fc::DType xt, const at::Tensor& x, int64_t ldx, int64_t 
 // reads W (O x D) from shared memory for every row, O times the bytes of the row itself, and its
 // OT = 16 variant holds one row per warp (RB = 1) at 8 warps per SM: a 4M x 256, O = 16 train_step
 // took 20.2 ms (float32) and 22.7 ms (bfloat16) on an H200 against 4.3 / 1.6 ms for stock eager
-// (bench/RESULTS.md, 2026-11-26). The ATen path widens a 2-byte x to float32 one row chunk at a time
-// (Problem::aten_chunk), so every dtype takes it. Small batches keep the row pass: one launch instead
+// (bench/RESULTS.md, 2026-11-26). The ATen path needs no float32 copy of a whole 2-byte x (bf16 meets
+// three exact bf16 pieces of the float32 operands, fp16 is widened one row chunk at a time:
+// Problem::aten_chunk), so every dtype takes it. Small batches keep the row pass: one launch instead
 // of ~6.
 constexpr int64_t kRowPassMaxElemsWideO = int64_t(1) << 19;
 

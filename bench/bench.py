@@ -355,6 +355,9 @@ def case_table(res: dict) -> str:
         f"{fmt_seconds(res['limit_flops_s'] / steps)} at {L['gemm_rate'] / 1e9:.3g} GFLOP/s "
         f"[{L['gemm_method']}]; both from the interleaved rounds"
     )
+    best = L["details"].get("best read (interleaved median)")
+    if best:
+        title += f"\n(the fastest read of another buffer this run: {best / 1e9:.3g} GB/s)"
     if res.get("x_in_cache"):
         title += "\n(x fits in the last-level cache: the DRAM-read limit is a loose lower bound here)"
     return title + "\n" + format_table(head, rows)

@@ -1,7 +1,8 @@
 """The GPU check's own tooling, on the CPU: a device lease is short (15 minutes) and a bug in the
 bench or in its diagnostics would waste it. bench/gpu_bench.py --dry-run (Triton interpreter, tiny
 sizes), bench/gpu_profile.py's summary of an Nsight Compute CSV, and the FASTLIN_FAIL_LOG hook of
-tests/conftest.py that bench/gpu_check.sh reads when a run is cut short."""
+tests/conftest.py that bench/gpu_check.sh reads when a run is cut short. Also the bench harness's
+choice of the read limit (bench/harness.py), which every CPU figure in bench/RESULTS.md divides by."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import types
 
 import conftest
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,3 +92,31 @@ def test_fail_log_hook(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # workers leave it to the controller
     conftest.pytest_runtest_logreport(failed)
     assert log.read_text().count("test_x") == 1
+
+
+def test_read_limit_is_a_read_of_x(monkeypatch):
+    """The CPU bench's read limit: a read of the case's x when x is far larger than the cache (the
+    contenders read x; another buffer's pages can read faster or slower), the fastest buffer read
+    otherwise; the fastest candidate is kept as a probe beside it when it is not x's read."""
+    sys.path.insert(0, ROOT)
+    from bench import harness
+
+    monkeypatch.setattr(harness, "cache_bytes", lambda: 1 << 20)  # 1 MiB "cache": 4 MiB x is far larger
+    x = torch.randn(1024, 1024)
+    lim = harness.Limits.measure("cpu", sample=x, buffer_bytes=4 << 20, repeats=2)
+    assert lim.read_method == "torch.sum(x (1024, 1024) float32)"
+    assert lim.read_bandwidth == lim.details["read: " + lim.read_method]
+    names = [c.name for c in lim.probes()]
+    fastest = max((k for k in lim.details if k.startswith("read:")), key=lim.details.get)
+    assert names[:2] == ["limit: read", "limit: gemm"]
+    assert ("limit: best read" in names) == (fastest != "read: " + lim.read_method)
+    stats = harness.measure(lim.probes(), repeats=2, warmup=1)
+    lim.update(stats)
+    assert lim.read_bandwidth == pytest.approx(x.nbytes / stats["limit: read"].median)
+
+    small = torch.randn(16, 16)  # cache-resident: its read is no limit, a large buffer's is
+    lim = harness.Limits.measure("cpu", sample=small, buffer_bytes=4 << 20, repeats=2)
+    reads = {k: v for k, v in lim.details.items() if k.startswith("read:")}
+    assert not any("torch.sum(x" in k for k in reads)
+    assert lim.read_bandwidth == max(reads.values())
+    assert [c.name for c in lim.probes()] == ["limit: read", "limit: gemm"]

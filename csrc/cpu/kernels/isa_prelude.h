@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#if defined(__x86_64__)
+#include <immintrin.h>  // vec.h's 16-bit conversions (declared for every target; used under the ISA's pragma)
+#endif
 
 #include "cpu/isa.h"
 #include "cpu/kernels/linear.h"

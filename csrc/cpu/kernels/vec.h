@@ -38,12 +38,73 @@ template <typename V> inline V vzero() { return V{}; }
 // s - 0 (not 0 + s): folds to a plain broadcast (x - 0.0 == x for every x, -0.0 included).
 template <typename V, typename S> inline V vbcast(S s) { return s - V{}; }
 
+// 16-bit <-> float32 conversions of 16 lanes. GCC 12 scalarises __builtin_convertvector between
+// _Float16 and float vectors unless the ISA has AVX512-FP16 (16 vcvtph2ps of one lane each, plus
+// inserts) and splits the bf16 widening into two half conversions and a re-insert, so on x86 the
+// two vector ISAs say it with intrinsics: vpmovzxwd + vpslld for bf16 -> float (exact), vcvtph2ps /
+// vcvtps2ph for float16 (round to nearest even, like the scalar cast). Measured on one Zen 4 core,
+// train_step 262144x256x1 with x in L3: float16 2.2 GB/s and bfloat16 15 GB/s before, against
+// float32's 39 GB/s. The generic ISA keeps the portable form. (GCC 12 warns that the intrinsics'
+// own placeholder operands are used uninitialized once they are inlined here: a false positive.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#if FASTLIN_ISA_LEVEL_OF(FASTLIN_ISA) == 2
+inline f32x16 bf16_bits_to_f32(const uint16_t* p) {
+  const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<f32x16>(_mm512_castsi512_ps(u));
+}
+inline f32x16 f16_bits_to_f32(const uint16_t* p) {
+  return reinterpret_cast<f32x16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+inline void f32_to_f16_bits(uint16_t* p, f32x16 v) {
+  const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+#define FASTLIN_VEC_X86_16BIT 1
+#elif FASTLIN_ISA_LEVEL_OF(FASTLIN_ISA) == 1
+inline __m256 bf16_half(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline f32x16 bf16_bits_to_f32(const uint16_t* p) {
+  const __m256 lo = bf16_half(p), hi = bf16_half(p + 8);
+  f32x16 v;
+  __builtin_memcpy(&v, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
+inline f32x16 f16_bits_to_f32(const uint16_t* p) {
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  f32x16 v;
+  __builtin_memcpy(&v, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
+inline void f32_to_f16_bits(uint16_t* p, f32x16 v) {
+  __m256 lo, hi;
+  __builtin_memcpy(&lo, &v, 32);
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRne));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRne));
+}
+#define FASTLIN_VEC_X86_16BIT 1
+#else
+#define FASTLIN_VEC_X86_16BIT 0
+#endif
+#pragma GCC diagnostic pop
+
 // Full-width load/store of W elements (unaligned).
 template <Fmt F> inline typename FmtTraits<F>::V vload(const typename FmtTraits<F>::Elem* p) {
   if constexpr (F == Fmt::f32 || F == Fmt::f64) {
     typename FmtTraits<F>::V v;
     __builtin_memcpy(&v, p, sizeof v);
     return v;
+  } else if constexpr (FASTLIN_VEC_X86_16BIT && F == Fmt::bf16) {
+    return bf16_bits_to_f32(p);
+  } else if constexpr (FASTLIN_VEC_X86_16BIT) {
+    return f16_bits_to_f32(p);
   } else if constexpr (F == Fmt::bf16) {
     u16x16 h;
     __builtin_memcpy(&h, p, sizeof h);
@@ -74,6 +135,8 @@ template <Fmt F> inline void vstore(typename FmtTraits<F>::Elem* p, typename Fmt
   } else if constexpr (F == Fmt::bf16) {
     u16x16 h = f32_to_bf16_bits(v);
     __builtin_memcpy(p, &h, sizeof h);
+  } else if constexpr (FASTLIN_VEC_X86_16BIT) {
+    f32_to_f16_bits(p, v);
   } else {
     f16x16 h = __builtin_convertvector(v, f16x16);
     __builtin_memcpy(p, &h, sizeof h);

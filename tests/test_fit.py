@@ -70,7 +70,7 @@ OPTS = dict(
 )
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize(
     "N,D,O,batch_size,shuffle",
     [

@@ -85,7 +85,7 @@ def problem(N, D, O, dtype, bias, device="cpu"):
     return tuple(None if t is None else t.to(device) for t in (x, w, b, y))
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
 @pytest.mark.parametrize("N,D,O", SHAPES)
 def test_grid(kernel_backend_device, N, D, O, bias, dtype):
@@ -214,7 +214,7 @@ mask = (True, True, True, True)
 for path in ("dot", "outer"):
     os.environ["FASTLIN_FUSED_PATH"] = path
     for (N, D, O) in ((7, 3, 1), (1000, 64, 17), (300, 40, 3)):
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             x, w, b, y = T.problem(N, D, O, dtype, True)
             out = T.ops.linear_mse_loss(x, w, b, y, "mean", mask, backend="cpp")
             T.check(out, T.reference64(x, w, b, y, "mean", mask), dtype, mask, f"{{path}} {{N}}x{{D}}x{{O}}")

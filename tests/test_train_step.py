@@ -2,9 +2,9 @@
 
 The step is checked through what it changes: the returned loss, the parameter step
 (new - old, so that the gradient is tested, not the unchanged bulk of the weights) and the
-momentum buffers. Tolerances are conftest.REL_TOL; bfloat16 inputs are compared with the float32
-tolerance because the reference sees the same bf16 values and the parameters are float32, so the
-only error is the kernel's float32 accumulation.
+momentum buffers. Tolerances are conftest.REL_TOL; bfloat16 and float16 inputs are compared with the
+float32 tolerance because the reference sees the same 16-bit values and the parameters are float32,
+so the only error is the kernel's float32 accumulation.
 """
 
 import itertools
@@ -18,7 +18,7 @@ import fastlin
 from fastlin import ops, reference
 
 SHAPES = list(itertools.product((1, 7, 4097), (1, 3, 257), (1, 3, 17)))
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # (momentum, dampening, weight_decay, nesterov, maximize); nesterov needs momentum > 0, dampening 0.
 SGD_OPTIONS = [
@@ -350,7 +350,7 @@ for path in ("dot", "outer"):
     import os
     os.environ["FASTLIN_FUSED_PATH"] = path
     for (N, D, O) in ((7, 3, 1), (1000, 64, 17), (300, 40, 3)):
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             x, y, w, b, wm, bm, sw = T.make_problem(N, D, O, dtype, True, 0.9, sample_weight=True)
             opts = dict(T.STEP, momentum=0.9)
             out = T.run_step("cpp", x, y, w, b, wm, bm, sw, **opts)

@@ -13,11 +13,13 @@ Timing (``measure``):
   * the result per contender is ``Stats``: median, min, max of the timed runs, and all the samples.
 
 Limits (``Limits``), measured in the same process right before the contenders run:
-  * read bandwidth: a streaming read over all threads, bytes / median time: ``torch.sum`` of the
-    case's own x when x is far larger than the last-level cache (the contenders read x, and on a VM
-    two large buffers can read up to ~15% apart by where their pages landed), else the fastest of
-    ``torch.sum`` / ``torch.amax`` over a float32 buffer that size. The name of the read used is
-    reported, and the fastest candidate beside it as the machine's best read;
+  * read bandwidth: the fastest of a few honest streaming reads over buffers far larger than the
+    last-level cache, all threads (``torch.sum`` / ``torch.amax`` of a float32 buffer, ``torch.sum``
+    of the case's own x): bytes / median time. The fastest of the first timings and, when it is
+    another buffer, the read of x are both timed again in the interleaved rounds and the faster
+    there counts (on a VM two large buffers can read up to ~15% apart, by where their pages landed
+    or by the neighbours' load at the time, and the contenders read x). The name of the winner is
+    reported, and the read of x beside it;
   * GEMM rate: a square float32 matmul (and one in the case's dtype if it is not float32), flops
     / median time, the fastest one.
   * ``limit_seconds(bytes_read, flops)`` = max(bytes / bandwidth, flops / gemm_rate): no
@@ -36,7 +38,7 @@ Memory (``peak_extra_memory``): the peak memory a callable needs beyond what exi
 Use from another bench (e.g. a GPU one):
 
     from bench.harness import Contender, Limits, measure, format_table
-    lim = Limits.measure(device="cuda", sample=x)     # picks a read of x and the fastest GEMM
+    lim = Limits.measure(device="cuda", sample=x)     # picks the fastest read and GEMM, in this run
     stats = measure([Contender("stock", run_stock), Contender("fastlin", run_fastlin), *lim.probes()],
                     repeats=10, warmup=3, device="cuda")  # run(r) does `steps` training steps
     lim.update(stats)                                 # bandwidth / GEMM rate from the same rounds
@@ -182,11 +184,11 @@ def rotation_count(nbytes: int, device="cpu", max_copies: int = 8) -> int:
 class Limits:
     """Machine limits measured in this run: read bandwidth (bytes/s) and GEMM rate (flop/s).
 
-    ``measure`` tries the candidates and keeps a read (of the sample x when given, else the fastest)
-    and the fastest GEMM; ``probes()`` turns those two (and the fastest read, when it is another)
-    into contenders for ``measure()``'s rounds and ``update(stats)`` re-derives the rates from
-    their interleaved medians, so the limit drifts with the machine like the contenders do (on a
-    shared machine the bandwidth moves by 2x within minutes)."""
+    ``measure`` tries the candidates and keeps the fastest read and the fastest GEMM; ``probes()``
+    turns those two (and the read of the sample x, when it was not the fastest) into contenders for
+    ``measure()``'s rounds and ``update(stats)`` re-derives the rates from their interleaved
+    medians, the faster read counting, so the limit drifts with the machine like the contenders do
+    (on a shared machine the bandwidth moves by 2x within minutes)."""
 
     read_bandwidth: float
     read_method: str
@@ -195,7 +197,7 @@ class Limits:
     details: dict
     _read: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, bytes) of the winner
     _gemm: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, flops) of the winner
-    _best: tuple | None = dataclasses.field(default=None, repr=False)  # the fastest read, if not _read
+    _x: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, bytes, name) of x, if not _read
 
     @classmethod
     def measure(
@@ -234,14 +236,10 @@ class Limits:
             _sync(device)
             t = statistics.median(time_once(fn, device) for _ in range(repeats))
             details[f"read: {name}"] = nbytes / t
-        # The limit is a read of x itself when x is a candidate: a read's speed depends on where
-        # the buffer's pages landed (on the 2-core EPYC VM, 256 MiB buffers allocated side by side
-        # read at rates up to ~15% apart, stable within a process), and the contenders read x. The
-        # fastest buffer stays in details as the machine's best read.
         reads = [k for k in details if k.startswith("read:")]
-        best_name = max(reads, key=details.get)
-        read_name = next((k for k in reads if k.startswith("read: torch.sum(x ")), best_name)
+        read_name = max(reads, key=details.get)
         read = cands[read_name[len("read: ") :]]
+        x_name = next((k[len("read: ") :] for k in reads if k.startswith("read: torch.sum(x ")), None)
         gemms = {}
         m = 2048 if device.type == "cpu" else 8192
         for dt in dict.fromkeys((torch.float32, *dtypes)):
@@ -262,34 +260,38 @@ class Limits:
             details,
             read,
             gemms[gemm_name[len("gemm: ") :]],
-            cands[best_name[len("read: ") :]] if best_name != read_name else None,
+            (*cands[x_name], x_name) if x_name and "read: " + x_name != read_name else None,
         )
 
     def probes(self) -> list[Contender]:
-        """The chosen read and GEMM as contenders ("limit: read", "limit: gemm") for measure(), and
-        the fastest read ("limit: best read") when the chosen one is x's."""
+        """The winning read and GEMM as contenders ("limit: read", "limit: gemm") for measure(), and
+        the read of x ("limit: read of x") when it was not the winner."""
         out = [
             Contender("limit: read", lambda r: self._read[0]()),
             Contender("limit: gemm", lambda r: self._gemm[0]()),
         ]
-        if self._best is not None:
-            out.append(Contender("limit: best read", lambda r: self._best[0]()))
+        if self._x is not None:
+            out.append(Contender("limit: read of x", lambda r: self._x[0]()))
         return out
 
     def update(self, stats: dict) -> None:
-        """Take the read bandwidth and GEMM rate from the probes' interleaved medians."""
+        """Take the read bandwidth and GEMM rate from the probes' interleaved medians (the faster of
+        the two reads when x's was timed too)."""
         if stats.get("limit: read"):
             self.read_bandwidth = self._read[1] / stats["limit: read"].median
             self.details["read (interleaved median)"] = self.read_bandwidth
+        if self._x is not None and stats.get("limit: read of x"):
+            bw = self._x[1] / stats["limit: read of x"].median
+            self.details["read of x (interleaved median)"] = bw
+            if bw > self.read_bandwidth:
+                self.read_bandwidth, self.read_method = bw, self._x[2]
         if stats.get("limit: gemm"):
             self.gemm_rate = self._gemm[1] / stats["limit: gemm"].median
             self.details["gemm (interleaved median)"] = self.gemm_rate
-        if stats.get("limit: best read"):
-            self.details["best read (interleaved median)"] = self._best[1] / stats["limit: best read"].median
 
     def release(self) -> None:
         """Drop the probe buffers."""
-        self._read = self._gemm = self._best = None
+        self._read = self._gemm = self._x = None
 
     def limit_seconds(self, bytes_read: float, flops: float) -> float:
         """Lower bound on the time to read bytes_read once and do flops: the slower of the two."""

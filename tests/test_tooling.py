@@ -129,3 +129,22 @@ def test_read_limit_is_the_fastest_read(monkeypatch):
     lim = harness.Limits.measure("cpu", sample=small, buffer_bytes=8 << 20, repeats=2)
     assert not any("torch.sum(x" in k for k in lim.details)
     assert [c.name for c in lim.probes()] == ["limit: read", "limit: gemm"]
+
+
+def test_bench_dtypes_runs(capsys):
+    """bench/bench_dtypes.py (quoted in bench/RESULTS.md) end to end on a tiny x: both tables, a row
+    per dtype."""
+    sys.path.insert(0, ROOT)
+    from bench import bench_dtypes
+
+    n = torch.get_num_threads()
+    try:
+        assert bench_dtypes.main(["--elems", "10", "--dims", "3", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert "train_step (cpp) against torch.sum" in out and "fastlin (cpp) against torch" in out
+    words = " ".join(out.split())
+    for dt in ("float32", "bfloat16", "float16"):
+        assert f"341x3x1 {dt}" in words  # 2^10 // 3 rows
+        assert f"{dt} mse_loss" in words

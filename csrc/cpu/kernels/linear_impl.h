@@ -161,7 +161,26 @@ inline void axpy_tile(const typename FmtTraits<F>::Elem* a, int64_t lda, const t
   constexpr Fmt AF = acc_fmt<F>();
   V acc[R * C];
   for (int i = 0; i < R * C; ++i) acc[i] = V{};
-  for (int64_t i = 0; i < inner; ++i) {
+  int64_t i = 0;
+  if constexpr (F == Fmt::bf16 || F == Fmt::f16) {
+    // 16-bit a: W values of each row converted by one vector load into a float32 strip, then
+    // broadcast from there. A scalar conversion per broadcast cost a quarter to a third of the FMA
+    // rate (one Zen 4 core, 1024x256 x 16 outputs in cache: bfloat16 73, float16 63 GFLOP/s
+    // against float32's 100; now 93-96). Same products in the same order: bit-identical results.
+    typename T::Acc strip[R][W];
+    for (; i + W <= inner; i += W) {
+      for (int r = 0; r < R; ++r) vstore<AF>(strip[r], vload<F>(a + r * lda + i));
+      for (int j = 0; j < W; ++j) {
+        V bv[C];
+        for (int c = 0; c < C; ++c) bv[c] = vload<AF>(bt + (i + j) * ldb + c * W);
+        for (int r = 0; r < R; ++r) {
+          const V s = vbcast<V>(strip[r][j]);
+          for (int c = 0; c < C; ++c) acc[r * C + c] += s * bv[c];
+        }
+      }
+    }
+  }
+  for (; i < inner; ++i) {
     V bv[C];
     for (int c = 0; c < C; ++c) bv[c] = vload<AF>(bt + i * ldb + c * W);
     for (int r = 0; r < R; ++r) {

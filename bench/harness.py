@@ -198,6 +198,7 @@ class Limits:
     _read: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, bytes) of the winner
     _gemm: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, flops) of the winner
     _x: tuple | None = dataclasses.field(default=None, repr=False)  # (fn, bytes, name) of x, if not _read
+    _read_name: str = dataclasses.field(default="", repr=False)  # the first timings' winner
 
     @classmethod
     def measure(
@@ -208,9 +209,10 @@ class Limits:
         buffer_bytes: int | None = None,
         repeats: int = 5,
     ) -> Limits:
-        """Measure both limits. sample: the case's x; when it is far larger than the cache, the read
-        limit is a read of it (it is what the kernels read), else the fastest read of a large buffer;
-        dtypes: GEMM dtypes to try in addition to float32 (the fastest counts)."""
+        """Measure both limits. sample: the case's x; when it is far larger than the cache, its read
+        is a candidate too (it is what the kernels read), timed again beside the winner in the
+        rounds if another buffer wins here; dtypes: GEMM dtypes to try in addition to float32 (the
+        fastest counts)."""
         device = torch.device(device)
         details: dict[str, float] = {}
         if buffer_bytes is None:
@@ -261,6 +263,7 @@ class Limits:
             read,
             gemms[gemm_name[len("gemm: ") :]],
             (*cands[x_name], x_name) if x_name and "read: " + x_name != read_name else None,
+            read_name[len("read: ") :],
         )
 
     def probes(self) -> list[Contender]:
@@ -279,6 +282,7 @@ class Limits:
         the two reads when x's was timed too)."""
         if stats.get("limit: read"):
             self.read_bandwidth = self._read[1] / stats["limit: read"].median
+            self.read_method = self._read_name or self.read_method
             self.details["read (interleaved median)"] = self.read_bandwidth
         if self._x is not None and stats.get("limit: read of x"):
             bw = self._x[1] / stats["limit: read of x"].median

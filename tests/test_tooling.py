@@ -118,6 +118,9 @@ def test_read_limit_is_the_fastest_read(monkeypatch):
     stats["limit: read of x"] = harness.Stats.of([0.25])  # x now reads at 16 MiB/s: it counts
     lim.update(stats)
     assert lim.read_method == x_read and lim.read_bandwidth == 4 * x.nbytes
+    stats["limit: read of x"] = harness.Stats.of([1.0])  # and an update without x ahead: the buffer's
+    lim.update(stats)
+    assert lim.read_method.startswith("torch.sum(float32 buffer") and lim.read_bandwidth == 8 << 20
 
     # x as the first timings' winner (a 16 MiB x): no second read probe
     big = torch.randn(4096, 1024)

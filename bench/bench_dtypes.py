@@ -13,6 +13,7 @@ the same rounds.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
             x, cs = step_contenders(n, d, DTYPES[name])
             st = measure(cs, repeats=args.repeats, warmup=2)
             s, r = st["train_step"], st["x read"]
-            paired = sorted(a / c for a, c in zip(s.samples, r.samples))[len(s.samples) // 2]
+            paired = statistics.median(a / c for a, c in zip(s.samples, r.samples))
             rows.append(
                 [
                     f"{n}x{d}x1",

@@ -63,23 +63,19 @@ inline void f32_to_f16_bits(uint16_t* p, f32x16 v) {
 }
 #define FASTLIN_VEC_X86_16BIT 1
 #elif FASTLIN_ISA_LEVEL_OF(FASTLIN_ISA) == 1
+inline __m128i load8x16(const uint16_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline f32x16 join_halves(__m256 lo, __m256 hi) {
+  f32x16 v;
+  __builtin_memcpy(&v, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
 inline __m256 bf16_half(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(p)), 16));
 }
-inline f32x16 bf16_bits_to_f32(const uint16_t* p) {
-  const __m256 lo = bf16_half(p), hi = bf16_half(p + 8);
-  f32x16 v;
-  __builtin_memcpy(&v, &lo, 32);
-  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
-}
+inline f32x16 bf16_bits_to_f32(const uint16_t* p) { return join_halves(bf16_half(p), bf16_half(p + 8)); }
 inline f32x16 f16_bits_to_f32(const uint16_t* p) {
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  f32x16 v;
-  __builtin_memcpy(&v, &lo, 32);
-  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
+  return join_halves(_mm256_cvtph_ps(load8x16(p)), _mm256_cvtph_ps(load8x16(p + 8)));
 }
 inline void f32_to_f16_bits(uint16_t* p, f32x16 v) {
   __m256 lo, hi;

@@ -8,7 +8,7 @@ Cases (issue 3): the seed (100x1x1, 1000 full-batch epochs), 262144x256x1, 26214
 Contenders, each training from the same nn.Linear initialisation with SGD(lr=0.01) on the MSE:
   stock eager      the seed's loop: nn.Linear + nn.MSELoss + torch.optim.SGD (bf16: under autocast)
   torch.compile    the same loop, forward+loss and optimizer.step compiled (the tutorial recipe)
-  fastlin drop-in  the same loop with fastlin.nn.Linear, fastlin.nn.MSELoss, fastlin.optim.SGD
+  fastlin drop-in  the same loop with fastlin.nn.Linear, nn.MSELoss, optim.SGD (bf16: under autocast)
   fastlin step     FusedLinearRegressor.step in a Python loop (one fused train_step op per step)
   fastlin fit      FusedLinearRegressor.fit (the whole loop in one op call)
   limit            one read of x per step at the measured read bandwidth, or the step's 4*N*D*O
@@ -157,30 +157,22 @@ def make_contenders(case: Case, xs, ys, steps: int, device, backend: str, with_c
     else:
         out.append(Contender("torch.compile", None, skip="--no-compile"))
 
-    # fastlin drop-in: the seed's loop with the three fastlin constructors
-    if low:
-        out.append(
-            Contender(
-                "fastlin drop-in",
-                None,
-                skip="fastlin.nn.Linear wants input and weight in one dtype (no autocast rule)",
-            )
-        )
-    else:
-        m_d = fastlin.nn.Linear(case.d, case.o, device=device, backend=backend)
-        m_d.load_state_dict(init)
-        crit_d = fastlin.nn.MSELoss(backend=backend)
-        opt_d = fastlin.optim.SGD(m_d.parameters(), lr=LR, backend=backend)
+    # fastlin drop-in: the seed's loop with the three fastlin constructors (bf16: under autocast too)
+    m_d = fastlin.nn.Linear(case.d, case.o, device=device, backend=backend)
+    m_d.load_state_dict(init)
+    crit_d = fastlin.nn.MSELoss(backend=backend)
+    opt_d = fastlin.optim.SGD(m_d.parameters(), lr=LR, backend=backend)
 
-        def dropin(r):
-            x, y = data(r)
-            for _ in range(steps):
+    def dropin(r):
+        x, y = data(r)
+        for _ in range(steps):
+            with autocast():
                 loss = crit_d(m_d(x), y)
-                opt_d.zero_grad()
-                loss.backward()
-                opt_d.step()
+            opt_d.zero_grad()
+            loss.backward()
+            opt_d.step()
 
-        out.append(Contender("fastlin drop-in", dropin))
+    out.append(Contender("fastlin drop-in", dropin))
 
     def regressor():
         reg = fastlin.FusedLinearRegressor(case.d, case.o, lr=LR, backend=backend, device=device)
@@ -201,11 +193,9 @@ def make_contenders(case: Case, xs, ys, steps: int, device, backend: str, with_c
         reg_f.fit(x, y, epochs=steps, progress=False)
 
     out += [Contender("fastlin step", step), Contender("fastlin fit", fit)]
-    models = {"stock eager": m_s, "fastlin step": reg_s, "fastlin fit": reg_f}
+    models = {"stock eager": m_s, "fastlin drop-in": m_d, "fastlin step": reg_s, "fastlin fit": reg_f}
     if with_compile:
         models["torch.compile"] = m_c
-    if not low:
-        models["fastlin drop-in"] = m_d
     return out, models
 
 

@@ -10,6 +10,8 @@
 //  * Gradients that the caller does not need are masked off with `output_mask` and returned
 //    as empty (0,)-shaped tensors, so every op has a fixed number of tensor outputs.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -92,3 +94,29 @@ TORCH_LIBRARY(fastlin, m) {
   // to ones; its values are not checked (negative weights give an indefinite matrix).
   m.def("gram(Tensor input, Tensor target, Tensor? sample_weight) -> Tensor");
 }
+
+namespace {
+// torch.autocast: aten's ops carry autocast kernels that cast their arguments; a fastlin op computes
+// at its inputs' dtypes whatever the caller's autocast state (fastlin.functional applies torch's
+// rules in front of linear and mse_loss, as differentiable casts). Without this guard the ATen
+// calls inside a kernel would be autocast behind its back: the CUDA glue's float32 matrix products
+// (at::mm on float32 copies, O > 16) would run in bfloat16. Nothing of this runs while autocast is
+// off: the Autocast keys are then not in the dispatch key set.
+void run_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+constexpr const char* kOps[] = {"linear",          "linear_backward", "mse_loss",
+                                "mse_loss_backward", "linear_mse_loss", "sgd_update_",
+                                "train_step",        "fit",             "gram"};
+
+void register_without_autocast(torch::Library& m) {
+  for (const char* name : kOps) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+  }
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlin, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(fastlin, AutocastCUDA, m) { register_without_autocast(m); }

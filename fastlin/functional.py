@@ -24,6 +24,33 @@ _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
 _is_native = ops.is_native
 _cpu_native = ops.cpu_native
+_any_autocast = ops._any_autocast
+
+
+def _autocast_on(device_type: str) -> bool:
+    # (is_autocast_enabled raises for device types autocast does not know, such as meta)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast(device_type: str, tensors: tuple, lower: bool) -> tuple:
+    """torch.autocast's cast of an op's arguments (aten's cached_cast rule): the floating tensors on
+    the autocast device type, float64 excepted, go to the autocast dtype (``lower``: the ops torch
+    runs in lower precision, like linear) or to float32 (like mse_loss). Unchanged while autocast
+    is off for that device type. The casts are ordinary differentiable ops in front of the fastlin
+    op, which itself computes at its inputs' dtypes (ops.impl, csrc/ops.cpp)."""
+    if not _autocast_on(device_type):
+        return tensors
+    dt = torch.get_autocast_dtype(device_type) if lower else torch.float32
+    return tuple(
+        t.to(dt)
+        if isinstance(t, _Tensor)
+        and t.dtype != dt
+        and t.dtype != torch.float64
+        and t.is_floating_point()
+        and t.device.type == device_type
+        else t
+        for t in tensors
+    )
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend=None):
@@ -32,6 +59,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 def _linear(input, weight, bias, backend):
+    if _any_autocast() and isinstance(input, _Tensor):  # like aten::linear: in the autocast dtype
+        input, weight, bias = _autocast(input.device.type, (input, weight, bias), lower=True)
     # Hot path (cpp/cuda backends, eager): the registered op, whose autograd is C++
     # (csrc/cpu/autograd.cpp), called without the OpOverload wrapper; the op checks its
     # arguments with the same messages. torch.compile keeps tracing LinearFunction below.
@@ -73,6 +102,8 @@ def mse_loss(
 
 
 def _mse_loss(input, target, reduction, backend):
+    if _any_autocast() and isinstance(input, _Tensor):  # like aten::mse_loss: in float32
+        input, target = _autocast(input.device.type, (input, target), lower=False)
     if (
         isinstance(input, _Tensor)
         and isinstance(target, _Tensor)
@@ -93,9 +124,16 @@ def linear_mse_loss(
     backend=None,
 ) -> torch.Tensor:
     """mse_loss(linear(input, weight, bias), target, reduction) in one pass over input (no (N, O)
-    prediction is materialised for "mean"/"sum"). input (..., D), target (..., O)."""
+    prediction is materialised for "mean"/"sum"). input (..., D), target (..., O). Under
+    torch.autocast: that composition, unfused (see below)."""
     C.check_reduction("linear_mse_loss", reduction, allow_none=True)
-    if reduction == "none":  # the elementwise loss is (N, O) anyway: compose the two ops
+    # "none": the elementwise loss is (N, O) anyway. Under autocast torch's composition runs linear
+    # in the autocast dtype and the loss in float32 against the float32 target; the fused op works
+    # in one dtype and returns the loss in it, so it would round the target and the loss instead:
+    # compose the two ops, which apply those rules.
+    if reduction == "none" or (
+        _any_autocast() and isinstance(input, _Tensor) and _autocast_on(input.device.type)
+    ):
         return mse_loss(
             linear(input, weight, bias, backend=backend), target, reduction=reduction, backend=backend
         )

@@ -13,7 +13,7 @@ import torch
 from fastlin import _checks as C
 from fastlin import backends, reference
 
-_cache: dict[tuple[str, str], object] = {}
+_cache: dict[tuple[str, str, str], object] = {}
 _native_cache: dict[tuple, bool] = {}
 
 # The registered ops of fastlin._C, bound once (None without the extension). On the native
@@ -52,18 +52,38 @@ def cpu_native(backend: str | None) -> bool:
     return r
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _autocast_off(fn, device_type: str):
+    """fn run with torch.autocast off for ``device_type``: the reference's float32 matrix products
+    (and the torch ops inside the Triton launchers) would otherwise be cast to the autocast dtype.
+    A fastlin op computes at its inputs' dtypes; fastlin.functional applies torch's autocast rules
+    in front of it. The C++ ops get the same guard from csrc/ops.cpp."""
+    if not torch.amp.is_autocast_available(device_type):  # (meta tensors, for one)
+        return fn
+
+    def run(*args):
+        if _any_autocast():
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args)
+        return fn(*args)
+
+    return run
+
+
 def impl(name: str, backend: str | None, device: torch.device):
     """The callable implementing op ``name`` for tensors on ``device`` under ``backend``."""
     which = backends.resolve(backend, device, name)
-    key = (name, which)
+    key = (name, which, device.type)
     fn = _cache.get(key)
     if fn is None:
         if which == "reference":
-            fn = getattr(reference, name)
+            fn = _autocast_off(getattr(reference, name), device.type)
         elif which == "triton":
             import fastlin.triton  # noqa: F401  (registers torch.ops.fastlin_triton.*)
 
-            fn = getattr(torch.ops.fastlin_triton, name)
+            fn = _autocast_off(getattr(torch.ops.fastlin_triton, name), device.type)
         else:
             fn = getattr(torch.ops.fastlin, name)
         # Not while dynamo traces: a write to this module-level dict inside an autograd.Function

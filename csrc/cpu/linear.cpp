@@ -76,7 +76,7 @@ void nt_run(const at::Tensor& a_in, const at::Tensor& src, bool transposed, cons
   }
   const at::Tensor a = cpu::as_rows(a_in);
   NtArgs args{a.data_ptr(), cpu::row_stride(a), b.data(), ldb, with_bias ? bb.data() : nullptr,
-              y.data_ptr(),  out,                rows,     inner, out};
+              y.data_ptr(),  out,                rows,     inner, out,  rows};
   const auto kernel = cpu::linear_kernels().nt[form][cpu::fmt_index(y.scalar_type())];
   const int nt = cpu::threads_for(static_cast<double>(rows) * (inner * out + inner + out));
   if (nt == 1) {
@@ -92,6 +92,7 @@ void nt_run(const at::Tensor& a_in, const at::Tensor& src, bool transposed, cons
     NtArgs p = args;
     const int64_t n0 = blk * 64;
     p.rows = rows - n0 < 64 ? rows - n0 : 64;
+    p.rows_readable = rows - n0;  // the blocks after this one: the prefetch runs on into them
     p.a = static_cast<const char*>(args.a) + n0 * args.lda * static_cast<int64_t>(esz);
     p.y = static_cast<char*>(args.y) + n0 * args.ldy * static_cast<int64_t>(esz);
     kernel(p);

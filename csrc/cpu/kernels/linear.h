@@ -31,6 +31,7 @@ struct NtArgs {
   void* y;
   int64_t ldy;
   int64_t rows, inner, out;
+  int64_t rows_readable;  // rows of a from `a` on (>= rows): how far a kernel may prefetch
 };
 
 // part (kdim x ldp, Acc) += bc^T @ vec over `rows` rows, where bc is (rows x kdim) and vec is

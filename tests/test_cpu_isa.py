@@ -26,7 +26,8 @@ SUBSET = " or ".join(
 )
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
+# avx512 under avx512_bf16: the same tables without bfloat16 linear's pairs of products (isa.h).
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_kernels_on_isa(isa):
     args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FILES, "-k", SUBSET]
     rc, out, report = run_under_isa(isa, args, timeout=900)

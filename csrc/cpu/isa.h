@@ -7,7 +7,9 @@
 // table of function pointers (csrc/cpu/kernels/<family>.h) is picked once per process from the best
 // ISA this CPU supports, so the build never probes the build machine's hardware.
 //
-// FASTLIN_CPU_ISA=generic|avx2|avx512 caps the choice (the tests run every ISA the CPU has).
+// FASTLIN_CPU_ISA=generic|avx2|avx512|avx512_bf16 caps the choice (the tests run every ISA the CPU
+// has). avx512_bf16 is avx512 plus `vdpbf16ps`: the avx512 tables, with bfloat16 `linear` in the
+// axpy form taking pairs of products per instruction (linear_impl.h, nt_axpy_pairs).
 // OpenMP stays out of the ISA translation units: the glue forks threads and calls the kernels
 // per thread on row ranges.
 #pragma once
@@ -17,10 +19,11 @@
 
 namespace fastlin::cpu {
 
-enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
+enum class Isa { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "generic";
@@ -36,9 +39,13 @@ inline Isa detect_isa() {
   if (best == Isa::avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     best = Isa::avx512;
+  if (best == Isa::avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::avx512_bf16;
 #endif
   if (const char* cap = std::getenv("FASTLIN_CPU_ISA")) {
-    Isa want = !std::strcmp(cap, "avx512") ? Isa::avx512 : !std::strcmp(cap, "avx2") ? Isa::avx2 : Isa::generic;
+    Isa want = !std::strcmp(cap, "avx512_bf16") ? Isa::avx512_bf16
+               : !std::strcmp(cap, "avx512")    ? Isa::avx512
+               : !std::strcmp(cap, "avx2")      ? Isa::avx2
+                                                : Isa::generic;
     if (static_cast<int>(want) < static_cast<int>(best)) best = want;
   }
   return best;
@@ -63,6 +70,7 @@ inline Isa cpu_isa() {
   const TYPE& NAME##_avx512();                                              \
   inline const TYPE& NAME() {                                               \
     switch (::fastlin::cpu::cpu_isa()) {                                    \
+      case ::fastlin::cpu::Isa::avx512_bf16:                                \
       case ::fastlin::cpu::Isa::avx512: return NAME##_avx512();             \
       case ::fastlin::cpu::Isa::avx2: return NAME##_avx2();                 \
       default: return NAME##_generic();                                     \

@@ -19,8 +19,11 @@ enum FmtIndex : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 //   kNtDot   (out < lanes):   b is (out x ldb), ldb >= round_up(inner, lanes), zero padded.
 //   kNtAxpy  (out >= lanes):  b is B^T, (inner x ldb), ldb >= round_up(out, lanes), zero padded.
 //   kNtOuter (inner == 1):    b is (round_up(out, lanes),) zero padded.
+//   kNtAxpyPairs (bfloat16, the axpy shapes, ISA avx512_bf16 only): b is B^T in pairs of rows,
+//                ((inner + 1) / 2 x ldb) uint32, entry (j, o) = the bfloat16 bits of B(o, 2j) |
+//                those of B(o, 2j + 1) << 16, zero padded (an odd inner's last pair included).
 // bias (nullptr for none) is (round_up(out, lanes),) zero padded.
-enum NtForm : int { kNtDot = 0, kNtAxpy = 1, kNtOuter = 2 };
+enum NtForm : int { kNtDot = 0, kNtAxpy = 1, kNtOuter = 2, kNtAxpyPairs = 3 };
 
 struct NtArgs {
   const void* a;
@@ -51,7 +54,7 @@ struct TnArgs {
 };
 
 struct LinearKernels {
-  void (*nt[3][4])(const NtArgs&);  // [NtForm][FmtIndex]
+  void (*nt[4][4])(const NtArgs&);  // [NtForm][FmtIndex]; nullptr where a form has no kernel
   void (*tn[4])(const TnArgs&);     // [FmtIndex]
   // out (cols_pad, Acc) += column sums of g (rows x cols, row stride ldg, Elem).
   void (*colsum[4])(const void* g, int64_t ldg, int64_t rows, int64_t cols, void* out);

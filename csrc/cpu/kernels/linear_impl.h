@@ -10,6 +10,7 @@
 //   axpy   (out >= W):  y[n, :] = sum_i a[n, i] * B^T[i, :], vectorised along `out`; an R x C
 //                       tile (R rows, C output chunks) broadcasts a[n, i] from L1.
 //   outer  (inner == 1): y[n, o] = a[n] * b[o] + bias[o]; vectorised along rows when out == 1.
+//   axpy by pairs (bfloat16, out >= W, avx512_bf16 CPUs): the axpy form with `vdpbf16ps`.
 // grad_weight (tn): per row chunk, part[k, :] += sum_n bc[n, k] * vec[n, :] in a K x C register
 // tile over sub-tiles of kTnRows rows (the vec tile stays in L1/L2 across the k blocks).
 // Within one ISA every kernel's order of operations depends only on the shape, never on the
@@ -277,6 +278,102 @@ template <Fmt F> void nt_axpy(const NtArgs& p) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// axpy form for bfloat16 by pairs (ISA avx512_bf16): `vdpbf16ps` adds a[n, i] * B(o, i) +
+// a[n, i + 1] * B(o, i + 1) to 16 float32 sums in one instruction, from a's two neighbouring
+// values broadcast as one 32-bit lane and B^T packed in pairs of rows (linear.h): twice the
+// products per instruction of the float32 FMAs of nt_axpy, with no conversion of a (which nt_axpy
+// widens to a float32 strip). The products of two bfloat16 are exact in float32 as before; the
+// instruction treats subnormal inputs as zero and flushes a subnormal result (|x| < 1.2e-38).
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTLIN_BF16_PAIRS __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+template <int R, int C>
+FASTLIN_BF16_PAIRS inline void axpy_pairs_tile(const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t ldb,
+                                               int64_t inner, const float* bias, uint16_t* y, int64_t ldy,
+                                               int64_t left, const uint16_t* next) {
+  using V = typename FmtTraits<Fmt::f32>::V;
+  constexpr int W = 16;
+  constexpr int64_t kLine = 32;  // bfloat16 per cache line
+  __m512 acc[R * C];
+  for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t pairs = inner / 2;
+  for (int64_t j = 0; j < pairs; ++j) {
+    if (next && (2 * j) % kLine == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * lda + 2 * j, 0, 3);
+    __m512i bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_si512(bp + j * ldb + c * W);
+    for (int r = 0; r < R; ++r) {
+      uint32_t two;
+      std::memcpy(&two, a + r * lda + 2 * j, sizeof(two));
+      const __m512bh s = (__m512bh)_mm512_set1_epi32(static_cast<int>(two));
+      for (int c = 0; c < C; ++c) acc[r * C + c] = _mm512_dpbf16_ps(acc[r * C + c], s, (__m512bh)bv[c]);
+    }
+  }
+  if (inner % 2) {  // the last value alone, against the zero half of the packed pair
+    __m512i bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_si512(bp + pairs * ldb + c * W);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh s = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + inner - 1]));
+      for (int c = 0; c < C; ++c) acc[r * C + c] = _mm512_dpbf16_ps(acc[r * C + c], s, (__m512bh)bv[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      V v;
+      std::memcpy(&v, &acc[r * C + c], sizeof(v));
+      if (bias) v += vload<Fmt::f32>(bias + c * W);
+      const int64_t m = left - c * W;
+      if (m >= W) {
+        vstore<Fmt::bf16>(y + r * ldy + c * W, v);
+      } else {
+        vstore_partial<Fmt::bf16>(y + r * ldy + c * W, v, m);
+      }
+    }
+  }
+}
+
+template <int C>
+FASTLIN_BF16_PAIRS inline void axpy_pairs_block(const NtArgs& p, int64_t n0, int64_t nr, int64_t c0) {
+  constexpr int W = 16;
+  constexpr int R = axpy_rows(C);
+  const uint16_t* a = static_cast<const uint16_t*>(p.a) + n0 * p.lda;
+  const uint32_t* bp = static_cast<const uint32_t*>(p.b) + c0 * W;
+  const float* bias = p.bias ? static_cast<const float*>(p.bias) + c0 * W : nullptr;
+  uint16_t* y = static_cast<uint16_t*>(p.y) + n0 * p.ldy + c0 * W;
+  const int64_t left = p.out - c0 * W;
+  const int64_t tile_bytes = R * p.lda * static_cast<int64_t>(sizeof(uint16_t));  // as in axpy_block
+  const int64_t ahead = tile_bytes > 0 ? R * ((kAxpyPrefetchBytes + tile_bytes - 1) / tile_bytes) : p.rows;
+  const auto next = [&](int64_t n1) {
+    return n0 + n1 + ahead <= p.rows_readable - R ? a + (n1 + ahead) * p.lda : nullptr;
+  };
+  int64_t n = 0;
+  if constexpr (R > 1) {
+    for (; n + R <= nr; n += R)
+      axpy_pairs_tile<R, C>(a + n * p.lda, p.lda, bp, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left, next(n));
+  }
+  for (; n < nr; ++n)
+    axpy_pairs_tile<1, C>(a + n * p.lda, p.lda, bp, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left, nullptr);
+}
+
+FASTLIN_BF16_PAIRS inline void nt_axpy_pairs(const NtArgs& p) {
+  const int64_t chunks = (p.out + 15) / 16;
+  for (int64_t n0 = 0; n0 < p.rows; n0 += 8) {  // the loop order of nt_axpy
+    const int64_t nr = p.rows - n0 < 8 ? p.rows - n0 : 8;
+    for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+      switch (chunks - c0 < 4 ? chunks - c0 : 4) {
+        case 1: axpy_pairs_block<1>(p, n0, nr, c0); break;
+        case 2: axpy_pairs_block<2>(p, n0, nr, c0); break;
+        case 3: axpy_pairs_block<3>(p, n0, nr, c0); break;
+        default: axpy_pairs_block<4>(p, n0, nr, c0); break;
+      }
+    }
+  }
+}
+#undef FASTLIN_BF16_PAIRS
+#endif
+
+// ----------------------------------------------------------------------------------------------
 // outer form (inner == 1)
 
 template <Fmt F> void nt_outer(const NtArgs& p) {
@@ -521,6 +618,9 @@ inline LinearKernels linear_kernels_table() {
   t.nt[kNtOuter][kF64] = nt_outer<Fmt::f64>;
   t.nt[kNtOuter][kBF16] = nt_outer<Fmt::bf16>;
   t.nt[kNtOuter][kF16] = nt_outer<Fmt::f16>;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (kIsaLevel == 2) t.nt[kNtAxpyPairs][kBF16] = nt_axpy_pairs;  // run on avx512_bf16 CPUs only
+#endif
   t.tn[kF32] = tn<Fmt::f32>;
   t.tn[kF64] = tn<Fmt::f64>;
   t.tn[kBF16] = tn<Fmt::bf16>;

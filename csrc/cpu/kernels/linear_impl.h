@@ -226,6 +226,13 @@ inline void axpy_tile(const typename FmtTraits<F>::Elem* a, int64_t lda, const t
 // ahead, 65-70 two tiles (16 KiB; 32 KiB no better); bfloat16 55-57 -> 94-100 (in cache: 103).
 constexpr int64_t kAxpyPrefetchBytes = 16384;
 
+// Rows from a tile's first row to the first row of the tile it prefetches: whole tiles of R rows,
+// at least kAxpyPrefetchBytes (lda = 0, rows of one broadcast row: `never`, nothing to prefetch).
+inline int64_t axpy_prefetch_rows(int R, int64_t lda, int64_t elem_bytes, int64_t never) {
+  const int64_t tile_bytes = R * lda * elem_bytes;
+  return tile_bytes > 0 ? R * ((kAxpyPrefetchBytes + tile_bytes - 1) / tile_bytes) : never;
+}
+
 constexpr int axpy_rows(int c) {
   const int l = kRegVecs / c;
   return l >= 8 ? 8 : l >= 4 ? 4 : l >= 2 ? 2 : 1;
@@ -242,13 +249,11 @@ template <Fmt F, int C> inline void axpy_block(const NtArgs& p, int64_t n0, int6
   const Acc* bias = p.bias ? static_cast<const Acc*>(p.bias) + c0 * W : nullptr;
   Elem* y = static_cast<Elem*>(p.y) + n0 * p.ldy + c0 * W;
   const int64_t left = p.out - c0 * W;
-  // The tile whose rows axpy_tile prefetches: the first at least kAxpyPrefetchBytes after the
-  // current one's start, into the rows after this call's (the glue hands out 64-row blocks: two
-  // threads, 262144x256 x 16, forward float32 21-22 -> 16-17 ms, bfloat16 17-18 -> 11-12 ms against
-  // stopping at the block's end), while a has rows (single-row tail tiles prefetch nothing).
-  // (lda = 0, rows of one broadcast row: nothing to prefetch.)
-  const int64_t tile_bytes = R * p.lda * static_cast<int64_t>(sizeof(Elem));
-  const int64_t ahead = tile_bytes > 0 ? R * ((kAxpyPrefetchBytes + tile_bytes - 1) / tile_bytes) : p.rows;
+  // The tile whose rows axpy_tile prefetches: axpy_prefetch_rows ahead, into the rows after this
+  // call's (the glue hands out 64-row blocks: two threads, 262144x256 x 16, forward float32 21-22
+  // -> 16-17 ms, bfloat16 17-18 -> 11-12 ms against stopping at the block's end), while a has rows
+  // (single-row tail tiles prefetch nothing).
+  const int64_t ahead = axpy_prefetch_rows(R, p.lda, sizeof(Elem), p.rows_readable);
   const auto next = [&](int64_t n1) {
     return n0 + n1 + ahead <= p.rows_readable - R ? a + (n1 + ahead) * p.lda : nullptr;
   };
@@ -342,8 +347,7 @@ FASTLIN_BF16_PAIRS inline void axpy_pairs_block(const NtArgs& p, int64_t n0, int
   const float* bias = p.bias ? static_cast<const float*>(p.bias) + c0 * W : nullptr;
   uint16_t* y = static_cast<uint16_t*>(p.y) + n0 * p.ldy + c0 * W;
   const int64_t left = p.out - c0 * W;
-  const int64_t tile_bytes = R * p.lda * static_cast<int64_t>(sizeof(uint16_t));  // as in axpy_block
-  const int64_t ahead = tile_bytes > 0 ? R * ((kAxpyPrefetchBytes + tile_bytes - 1) / tile_bytes) : p.rows;
+  const int64_t ahead = axpy_prefetch_rows(R, p.lda, sizeof(uint16_t), p.rows_readable);  // as in axpy_block
   const auto next = [&](int64_t n1) {
     return n0 + n1 + ahead <= p.rows_readable - R ? a + (n1 + ahead) * p.lda : nullptr;
   };

@@ -14,6 +14,10 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 extern "C" {
 // Importing fastlin._C loads this library, which runs the TORCH_LIBRARY registrations below.
 // The module itself is empty on purpose: there are no pybind functions.
@@ -24,6 +28,10 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastlin, m) {
+  // The instruction set the CPU kernels of this process run (csrc/cpu/isa.h): generic | avx2 |
+  // avx512 | avx512_bf16, the best this CPU has under the FASTLIN_CPU_ISA cap. fastlin.info().
+  m.def("cpu_isa() -> str", [] { return std::string(fastlin::cpu::isa_name(fastlin::cpu::cpu_isa())); });
+
   // y = input @ weight.T + bias            input (N, D), weight (O, D), bias (O,) -> (N, O)
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // grad_input = grad_output @ weight (N, D); grad_weight = grad_output.T @ input (O, D);

@@ -58,6 +58,8 @@ def info(file=None) -> dict:
         "machine": platform.machine(),
         "processor": _cpu_name(),
         "threads": torch.get_num_threads(),
+        # the instruction set of the C++ kernels (csrc/cpu/isa.h; FASTLIN_CPU_ISA caps it)
+        "cpu_isa": torch.ops.fastlin.cpu_isa() if backends.extension_loaded() else None,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "default_backend": backends.default(),
         "backends": {k: {"available": ok, "reason": why} for k, (ok, why) in status.items()},
@@ -77,7 +79,8 @@ def info(file=None) -> dict:
         file=out,
     )
     print(
-        f"cpu: {report['processor']} ({report['machine']}), {report['threads']} threads"
+        f"cpu: {report['processor']} ({report['machine']}), {report['threads']} threads, "
+        f"kernels {report['cpu_isa'] or 'none'}"
         f"{'  OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}",
         file=out,
     )

@@ -15,6 +15,7 @@ from packaging.version import Version
 import fastlin
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
+ISAS = ["generic", "avx2", "avx512", "avx512_bf16"]  # csrc/cpu/isa.h, lowest first
 
 
 def _env(**extra):
@@ -60,6 +61,24 @@ def test_info_reports_versions_threads_and_backends():
     assert f"{report['threads']} threads" in text
     # the extension built in this checkout: the cpp backend runs here
     assert report["backends"]["cpp"]["available"], report["backends"]["cpp"]["reason"]
+    assert report["cpu_isa"] in ISAS and f"kernels {report['cpu_isa']}" in text
+
+
+def test_info_reports_the_capped_cpu_isa():
+    # FASTLIN_CPU_ISA caps the kernels' instruction set (tests/test_cpu_isa.py runs the kernels so);
+    # info names the one the process runs: the cap, or the CPU's best when that is lower.
+    best = fastlin.info(file=io.StringIO())["cpu_isa"]
+    for cap in ISAS:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastlin", "info"],
+            env=_env(FASTLIN_CPU_ISA=cap),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        want = ISAS[min(ISAS.index(cap), ISAS.index(best))]
+        assert f"kernels {want}" in proc.stdout, (cap, proc.stdout)
 
 
 def test_python_m_fastlin_info_in_a_fresh_process():

@@ -29,7 +29,7 @@ _any_autocast = ops._any_autocast
 
 def _autocast_on(device_type: str) -> bool:
     # (is_autocast_enabled raises for device types autocast does not know, such as meta)
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return device_type in ops.AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def _autocast(device_type: str, tensors: tuple, lower: bool) -> tuple:

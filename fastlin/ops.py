@@ -55,12 +55,30 @@ def cpu_native(backend: str | None) -> bool:
 _any_autocast = torch._C._is_any_autocast_enabled
 
 
+def _autocast_types() -> frozenset:
+    out = set()
+    for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla"):
+        try:
+            if torch.amp.is_autocast_available(t):
+                out.add(t)
+        except RuntimeError:
+            pass
+    return frozenset(out)
+
+
+# The device types torch.autocast knows, asked once at import: dynamo cannot trace
+# torch.amp.is_autocast_available in torch 2.11 (13 torch.compile tests failed on the H200 with it).
+AUTOCAST_DEVICE_TYPES = _autocast_types()
+
+
 def _autocast_off(fn, device_type: str):
     """fn run with torch.autocast off for ``device_type``: the reference's float32 matrix products
     (and the torch ops inside the Triton launchers) would otherwise be cast to the autocast dtype.
     A fastlin op computes at its inputs' dtypes; fastlin.functional applies torch's autocast rules
     in front of it. The C++ ops get the same guard from csrc/ops.cpp."""
-    if not torch.amp.is_autocast_available(device_type):  # (meta tensors, for one)
+    # Not while dynamo traces: the traced graph stays the one of the earlier GPU runs (the guard is
+    # for eager calls; under torch.compile with autocast on, the reference's products are autocast).
+    if device_type not in AUTOCAST_DEVICE_TYPES or torch.compiler.is_compiling():  # (meta tensors, for one)
         return fn
 
     def run(*args):

@@ -238,49 +238,55 @@ constexpr int axpy_rows(int c) {
   return l >= 8 ? 8 : l >= 4 ? 4 : l >= 2 ? 2 : 1;
 }
 
-template <Fmt F, int C> inline void axpy_block(const NtArgs& p, int64_t n0, int64_t nr, int64_t c0) {
-  using T = FmtTraits<F>;
-  using Elem = typename T::Elem;
-  using Acc = typename T::Acc;
-  constexpr int W = T::W;
+// The axpy form's tile kinds: AxpyFmaTile (float32 FMAs, every format) and AxpyPairsTile (bfloat16
+// pairs, below). Tile::run<R, C>(p, n, c0, next): the R x C tile at row n and output chunk c0.
+template <Fmt F> struct AxpyFmaTile {
+  using Elem = typename FmtTraits<F>::Elem;
+  template <int R, int C> static inline void run(const NtArgs& p, int64_t n, int64_t c0, const Elem* next) {
+    using Acc = typename FmtTraits<F>::Acc;
+    constexpr int W = FmtTraits<F>::W;
+    const Acc* bias = p.bias ? static_cast<const Acc*>(p.bias) + c0 * W : nullptr;
+    axpy_tile<F, R, C>(static_cast<const Elem*>(p.a) + n * p.lda, p.lda, static_cast<const Acc*>(p.b) + c0 * W, p.ldb,
+                       p.inner, bias, static_cast<Elem*>(p.y) + n * p.ldy + c0 * W, p.ldy, p.out - c0 * W, next);
+  }
+};
+
+// Rows n0..n0+nr, output chunks c0..c0+C-1, in tiles of axpy_rows(C) rows, then single rows.
+template <typename Tile, int C> inline void axpy_block(const NtArgs& p, int64_t n0, int64_t nr, int64_t c0) {
+  using Elem = typename Tile::Elem;
   constexpr int R = axpy_rows(C);
-  const Elem* a = static_cast<const Elem*>(p.a) + n0 * p.lda;
-  const Acc* bt = static_cast<const Acc*>(p.b) + c0 * W;
-  const Acc* bias = p.bias ? static_cast<const Acc*>(p.bias) + c0 * W : nullptr;
-  Elem* y = static_cast<Elem*>(p.y) + n0 * p.ldy + c0 * W;
-  const int64_t left = p.out - c0 * W;
-  // The tile whose rows axpy_tile prefetches: axpy_prefetch_rows ahead, into the rows after this
+  const Elem* a = static_cast<const Elem*>(p.a);
+  // The tile whose rows a tile prefetches: axpy_prefetch_rows ahead, into the rows after this
   // call's (the glue hands out 64-row blocks: two threads, 262144x256 x 16, forward float32 21-22
   // -> 16-17 ms, bfloat16 17-18 -> 11-12 ms against stopping at the block's end), while a has rows
   // (single-row tail tiles prefetch nothing).
   const int64_t ahead = axpy_prefetch_rows(R, p.lda, sizeof(Elem), p.rows_readable);
-  const auto next = [&](int64_t n1) {
-    return n0 + n1 + ahead <= p.rows_readable - R ? a + (n1 + ahead) * p.lda : nullptr;
-  };
-  int64_t n = 0;
+  int64_t n = n0;
   if constexpr (R > 1) {
-    for (; n + R <= nr; n += R)
-      axpy_tile<F, R, C>(a + n * p.lda, p.lda, bt, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left, next(n));
+    for (; n + R <= n0 + nr; n += R)
+      Tile::template run<R, C>(p, n, c0, n + ahead <= p.rows_readable - R ? a + (n + ahead) * p.lda : nullptr);
   }
-  for (; n < nr; ++n) axpy_tile<F, 1, C>(a + n * p.lda, p.lda, bt, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left, nullptr);
+  for (; n < n0 + nr; ++n) Tile::template run<1, C>(p, n, c0, nullptr);
 }
 
-template <Fmt F> void nt_axpy(const NtArgs& p) {
-  constexpr int W = FmtTraits<F>::W;
+// The axpy form's walk, for either tile kind: rows outer (a block of 8 rows of `a` stays in L1
+// across the output chunks), chunks inner, up to 4 chunks of W outputs per tile.
+template <typename Tile, int W> void axpy_walk(const NtArgs& p) {
   const int64_t chunks = (p.out + W - 1) / W;
-  // Rows outer (a block of 8 rows of `a` stays in L1 across the output chunks), chunks inner.
   for (int64_t n0 = 0; n0 < p.rows; n0 += 8) {
     const int64_t nr = p.rows - n0 < 8 ? p.rows - n0 : 8;
     for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
       switch (chunks - c0 < 4 ? chunks - c0 : 4) {
-        case 1: axpy_block<F, 1>(p, n0, nr, c0); break;
-        case 2: axpy_block<F, 2>(p, n0, nr, c0); break;
-        case 3: axpy_block<F, 3>(p, n0, nr, c0); break;
-        default: axpy_block<F, 4>(p, n0, nr, c0); break;
+        case 1: axpy_block<Tile, 1>(p, n0, nr, c0); break;
+        case 2: axpy_block<Tile, 2>(p, n0, nr, c0); break;
+        case 3: axpy_block<Tile, 3>(p, n0, nr, c0); break;
+        default: axpy_block<Tile, 4>(p, n0, nr, c0); break;
       }
     }
   }
 }
+
+template <Fmt F> void nt_axpy(const NtArgs& p) { axpy_walk<AxpyFmaTile<F>, FmtTraits<F>::W>(p); }
 
 // ----------------------------------------------------------------------------------------------
 // axpy form for bfloat16 by pairs (ISA avx512_bf16): `vdpbf16ps` adds a[n, i] * B(o, i) +
@@ -338,42 +344,19 @@ FASTLIN_BF16_PAIRS inline void axpy_pairs_tile(const uint16_t* a, int64_t lda, c
   }
 }
 
-template <int C>
-FASTLIN_BF16_PAIRS inline void axpy_pairs_block(const NtArgs& p, int64_t n0, int64_t nr, int64_t c0) {
-  constexpr int W = 16;
-  constexpr int R = axpy_rows(C);
-  const uint16_t* a = static_cast<const uint16_t*>(p.a) + n0 * p.lda;
-  const uint32_t* bp = static_cast<const uint32_t*>(p.b) + c0 * W;
-  const float* bias = p.bias ? static_cast<const float*>(p.bias) + c0 * W : nullptr;
-  uint16_t* y = static_cast<uint16_t*>(p.y) + n0 * p.ldy + c0 * W;
-  const int64_t left = p.out - c0 * W;
-  const int64_t ahead = axpy_prefetch_rows(R, p.lda, sizeof(uint16_t), p.rows_readable);  // as in axpy_block
-  const auto next = [&](int64_t n1) {
-    return n0 + n1 + ahead <= p.rows_readable - R ? a + (n1 + ahead) * p.lda : nullptr;
-  };
-  int64_t n = 0;
-  if constexpr (R > 1) {
-    for (; n + R <= nr; n += R)
-      axpy_pairs_tile<R, C>(a + n * p.lda, p.lda, bp, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left, next(n));
+struct AxpyPairsTile {
+  using Elem = uint16_t;
+  template <int R, int C>
+  FASTLIN_BF16_PAIRS static inline void run(const NtArgs& p, int64_t n, int64_t c0, const Elem* next) {
+    const float* bias = p.bias ? static_cast<const float*>(p.bias) + c0 * 16 : nullptr;
+    axpy_pairs_tile<R, C>(static_cast<const Elem*>(p.a) + n * p.lda, p.lda, static_cast<const uint32_t*>(p.b) + c0 * 16,
+                          p.ldb, p.inner, bias, static_cast<Elem*>(p.y) + n * p.ldy + c0 * 16, p.ldy,
+                          p.out - c0 * 16, next);
   }
-  for (; n < nr; ++n)
-    axpy_pairs_tile<1, C>(a + n * p.lda, p.lda, bp, p.ldb, p.inner, bias, y + n * p.ldy, p.ldy, left, nullptr);
-}
+};
 
-FASTLIN_BF16_PAIRS inline void nt_axpy_pairs(const NtArgs& p) {
-  const int64_t chunks = (p.out + 15) / 16;
-  for (int64_t n0 = 0; n0 < p.rows; n0 += 8) {  // the loop order of nt_axpy
-    const int64_t nr = p.rows - n0 < 8 ? p.rows - n0 : 8;
-    for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
-      switch (chunks - c0 < 4 ? chunks - c0 : 4) {
-        case 1: axpy_pairs_block<1>(p, n0, nr, c0); break;
-        case 2: axpy_pairs_block<2>(p, n0, nr, c0); break;
-        case 3: axpy_pairs_block<3>(p, n0, nr, c0); break;
-        default: axpy_pairs_block<4>(p, n0, nr, c0); break;
-      }
-    }
-  }
-}
+// (The walk itself is not compiled for avx512_bf16: it calls one tile per 8 rows x 16-64 outputs.)
+inline void nt_axpy_pairs(const NtArgs& p) { axpy_walk<AxpyPairsTile, 16>(p); }
 #undef FASTLIN_BF16_PAIRS
 #endif
 

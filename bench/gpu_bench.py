@@ -360,17 +360,23 @@ def triton_tuned() -> dict:
 
 
 def bench_extras(bw_gbs: float, backends: list) -> list:
-    """linear_mse_loss (loss + grad_weight + grad_bias) and sgd_update_, briefly."""
-    return [bench_linear_mse_loss(bw_gbs, backends), bench_sgd_update(bw_gbs, backends)]
+    """linear_mse_loss (loss + grad_weight + grad_bias) and sgd_update_, briefly. linear_mse_loss
+    bf16 with 16 outputs checks auto's per-dtype order (backends._AUTO_CUDA_CASES: Triton first
+    there, from the train_step figure alone)."""
+    return [
+        bench_linear_mse_loss(bw_gbs, backends, 1, torch.float32),
+        bench_linear_mse_loss(bw_gbs, backends, 16, torch.bfloat16),
+        bench_sgd_update(bw_gbs, backends),
+    ]
 
 
-def bench_linear_mse_loss(bw_gbs: float, backends: list) -> dict:
-    N, D, O = ARGS.n, ARGS.d, 1
+def bench_linear_mse_loss(bw_gbs: float, backends: list, O: int, dtype: torch.dtype) -> dict:
+    N, D = ARGS.n, ARGS.d
     g = torch.Generator(device=DEV).manual_seed(1)
-    x = torch.randn((N, D), generator=g, device=DEV)
-    y = torch.randn((N, O), generator=g, device=DEV)
-    w = torch.randn((O, D), generator=g, device=DEV, requires_grad=True)
-    b = torch.zeros((O,), device=DEV, requires_grad=True)
+    x = torch.randn((N, D), generator=g, device=DEV).to(dtype)
+    y = torch.randn((N, O), generator=g, device=DEV).to(dtype)
+    w = torch.randn((O, D), generator=g, device=DEV).to(dtype).requires_grad_(True)
+    b = torch.zeros((O,), device=DEV, dtype=dtype, requires_grad=True)
 
     def stock_lmse():
         loss = torch.nn.functional.mse_loss(torch.nn.functional.linear(x, w, b), y)
@@ -383,9 +389,10 @@ def bench_linear_mse_loss(bw_gbs: float, backends: list) -> dict:
         )
     warm(cont, "linear_mse_loss")
     res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
-    x_bytes = x.numel() * 4
+    x_bytes = x.numel() * x.element_size()
+    dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     return {
-        "case": f"linear_mse_loss N={N} D={D} O={O} fp32 (loss+dW+db)",
+        "case": f"linear_mse_loss N={N} D={D} O={O} {dname} (loss+dW+db)",
         "x_bytes": x_bytes,
         "limit_ms": x_bytes / (bw_gbs * 1e9) * 1e3,
         "results": res,

@@ -5,8 +5,9 @@ Backends:
   cuda       CUDA C++ kernels registered for CUDA tensors (fastlin._C built with FASTLIN_BUILD_CUDA)
   triton     Triton kernels (fastlin.triton) on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1
   reference  plain torch (fastlin.reference), any device; the oracle of the tests
-  auto       cpp on the CPU; on CUDA, the GPU backend measured faster (_AUTO_CUDA_DEFAULT, or the op's
-             entry in _AUTO_CUDA), else the other one, else reference
+  auto       cpp on the CPU; on CUDA, the GPU backend measured faster (_AUTO_CUDA_DEFAULT, or the
+             entry in _AUTO_CUDA_CASES for the op, dtype and output width), else the other one,
+             else reference
 
 The default comes from the FASTLIN_BACKEND environment variable (read at import, "auto" if unset);
 most entry points also take ``backend=``.
@@ -115,17 +116,30 @@ def _validate(name: str) -> str:
 
 
 # auto on CUDA tensors: the backends to try, fastest first as measured on an H200 (bench/RESULTS.md,
-# "### Third lease", 2026-11-26, default precision): CUDA C++ ran every measured case faster:
-# train_step 4M x 256, O = 1: 0.967 vs 1.032 ms fp32, 0.600 vs 0.698 ms bf16; O = 16: 4.71 vs
-# 10.39 ms fp32, 9.49 vs 10.63 ms bf16; linear_mse_loss O = 1 fp32: 0.970 vs 1.051 ms; sgd_update_
-# 16.8M parameters: 0.127 vs 0.196 ms. _AUTO_CUDA holds the ops a measurement puts on another order
-# (none since that lease; the second lease had Triton first for the one-pass ops).
+# "### Third lease" and "### Fourth lease", 2026-11-26, default precision). CUDA C++ first: it ran
+# train_step 4M x 256 O = 1 in 0.982 vs 1.045 ms (fp32) and 0.607 vs 0.661 ms (bf16), O = 16 fp32
+# 4.71 vs 10.57 ms, linear_mse_loss O = 1 fp32 0.982 vs 1.057 ms, sgd_update_ 16.8M parameters
+# 0.092 vs 0.152 ms.
 _AUTO_CUDA_DEFAULT = ("cuda", "triton")
-_AUTO_CUDA: dict[str, tuple[str, ...]] = {}
+# (op, input dtype, out_features > 4) -> the order where a measurement puts another backend first.
+# bfloat16 with more than 4 outputs: Triton's one-pass tl.dot kernel (bf16 tensor cores, x read
+# once) against CUDA's cuBLAS path (x read twice, three bf16 pieces per operand): train_step
+# 4M x 256 O = 16 1.379 vs 4.955 ms (fourth lease). linear_mse_loss and fit run the same kernels
+# on each backend (Triton's one-pass kernel; CUDA's cuBLAS path past 2^19 elements a batch).
+_AUTO_CUDA_CASES: dict[tuple[str, torch.dtype, bool], tuple[str, ...]] = {
+    (op, torch.bfloat16, True): ("triton", "cuda") for op in ("train_step", "linear_mse_loss", "fit")
+}
 
 
-def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
-    """The concrete backend that runs op ``op`` (None: any op) for tensors on ``device``.
+def resolve(
+    backend: str | None,
+    device: torch.device,
+    op: str | None = None,
+    dtype: torch.dtype | None = None,
+    out_features: int | None = None,
+) -> str:
+    """The concrete backend that runs op ``op`` (None: any op) for tensors on ``device``; ``auto``
+    on CUDA also goes by the input's ``dtype`` and the layer's ``out_features`` where given.
 
     Raises RuntimeError naming the reason when an explicitly requested backend cannot run there.
     """
@@ -137,7 +151,8 @@ def resolve(backend: str | None, device: torch.device, op: str | None = None) ->
         if device.type == "cpu":
             return "cpp" if _status["cpp"][0] else "reference"
         if device.type == "cuda":
-            for cand in _AUTO_CUDA.get(op, _AUTO_CUDA_DEFAULT):
+            wide = out_features is not None and out_features > 4
+            for cand in _AUTO_CUDA_CASES.get((op, dtype, wide), _AUTO_CUDA_DEFAULT):
                 if _status[cand][0]:
                     return cand
         return "reference"

@@ -90,9 +90,10 @@ def _autocast_off(fn, device_type: str):
     return run
 
 
-def impl(name: str, backend: str | None, device: torch.device):
-    """The callable implementing op ``name`` for tensors on ``device`` under ``backend``."""
-    which = backends.resolve(backend, device, name)
+def impl(name: str, backend: str | None, device: torch.device, dtype=None, out_features=None):
+    """The callable implementing op ``name`` for tensors on ``device`` under ``backend`` (``auto``
+    on CUDA picks by the input dtype and out_features too, where given)."""
+    which = backends.resolve(backend, device, name, dtype, out_features)
     key = (name, which, device.type)
     fn = _cache.get(key)
     if fn is None:
@@ -109,6 +110,11 @@ def impl(name: str, backend: str | None, device: torch.device):
         if not torch.compiler.is_compiling():
             _cache[key] = fn
     return fn
+
+
+def _width(weight):
+    """out_features for backend choice; None for a malformed weight (the op's checks name it)."""
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def linear(input, weight, bias=None, *, backend=None):
@@ -133,7 +139,7 @@ def linear_mse_loss(
     input, weight, bias, target, reduction="mean", output_mask=(True, True, True, True), *, backend=None
 ):
     """-> (loss, grad_input, grad_weight, grad_bias, grad_target), gradients for grad_output = 1."""
-    return impl("linear_mse_loss", backend, input.device)(
+    return impl("linear_mse_loss", backend, input.device, input.dtype, _width(weight))(
         input, weight, bias, target, reduction, list(output_mask)
     )
 
@@ -187,7 +193,7 @@ def train_step(
     backend=None,
 ) -> torch.Tensor:
     """One fused SGD step on the MSE of input (N, D) against target (N, O); returns the loss (0-d)."""
-    return impl("train_step", backend, input.device)(
+    return impl("train_step", backend, input.device, input.dtype, _width(weight))(
         input,
         target,
         weight,
@@ -228,7 +234,7 @@ def fit(
     backend=None,
 ) -> torch.Tensor:
     """`epochs` fused passes over the data; returns the per-epoch loss history (epochs,)."""
-    return impl("fit", backend, input.device)(
+    return impl("fit", backend, input.device, input.dtype, _width(weight))(
         input,
         target,
         weight,
@@ -272,16 +278,23 @@ def _has_gram_kernel(which: str) -> bool:
 # Fake implementations: shapes and dtypes only, with the same shape checks as the kernels.
 
 
-def _register_fakes() -> None:
+def register_fakes(ns: str) -> None:
+    """Register the fake implementations for the ops of namespace ``ns``: "fastlin" (the C++ ops'
+    schemas, when fastlin._C loaded) or "fastlin_triton" (the Triton ops, whose default fake is
+    their launcher run on fake tensors: its host arithmetic on the batch size, int(N) in the grid
+    and the plan, pinned a dynamic batch to its example value, so torch.export of a model on them
+    failed with "Constraints violated (n)"). Same signatures, same fakes: the Triton ops mirror
+    csrc/ops.cpp's schemas."""
+
     def loss_dtype(input):
         return torch.float64 if input.dtype == torch.float64 else torch.float32
 
-    @torch.library.register_fake("fastlin::linear")
+    @_fake(ns, "linear")
     def _(input, weight, bias):
         C.check_linear_args("linear", input, weight, bias)
         return input.new_empty((input.shape[0], weight.shape[0]))
 
-    @torch.library.register_fake("fastlin::linear_backward")
+    @_fake(ns, "linear_backward")
     def _(grad_output, input, weight, output_mask):
         C.check_linear_args("linear_backward", input, weight, None)
         torch._check(grad_output.shape == (input.shape[0], weight.shape[0]))
@@ -292,18 +305,18 @@ def _register_fakes() -> None:
             input.new_empty((weight.shape[0],) if output_mask[2] else (0,)),
         )
 
-    @torch.library.register_fake("fastlin::mse_loss")
+    @_fake(ns, "mse_loss")
     def _(input, target, reduction):
         C.check_mse_args("mse_loss", input, target, reduction)
         return input.new_empty(input.shape if reduction == "none" else ())
 
-    @torch.library.register_fake("fastlin::mse_loss_backward")
+    @_fake(ns, "mse_loss_backward")
     def _(grad_output, input, target, reduction):
         C.check_mse_args("mse_loss_backward", input, target, reduction)
         C.check_mse_grad_output("mse_loss_backward", grad_output, input)
         return input.new_empty(input.shape)
 
-    @torch.library.register_fake("fastlin::linear_mse_loss")
+    @_fake(ns, "linear_mse_loss")
     def _(input, weight, bias, target, reduction, output_mask):
         C.check_linear_args("linear_mse_loss", input, weight, bias)
         C.check_target("linear_mse_loss", target, input, weight)
@@ -320,13 +333,13 @@ def _register_fakes() -> None:
             input.new_empty(target.shape) if output_mask[3] else e(),
         )
 
-    @torch.library.register_fake("fastlin::sgd_update_")
+    @_fake(ns, "sgd_update_")
     def _(
         params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step
     ):
         C.check_sgd_update_args("sgd_update_", params, grads, momentum_buffers, momentum)
 
-    @torch.library.register_fake("fastlin::train_step")
+    @_fake(ns, "train_step")
     def _(
         input,
         target,
@@ -360,7 +373,7 @@ def _register_fakes() -> None:
         )
         return input.new_empty((), dtype=loss_dtype(input))
 
-    @torch.library.register_fake("fastlin::fit")
+    @_fake(ns, "fit")
     def _(
         input,
         target,
@@ -398,15 +411,22 @@ def _register_fakes() -> None:
         )
         return input.new_empty((epochs,), dtype=loss_dtype(input))
 
-    @torch.library.register_fake("fastlin::gram")
+    @_fake(ns, "gram")
     def _(input, target, sample_weight):
         C.check_gram_args("gram", input, target, sample_weight)
         p = input.shape[1] + 1 + target.shape[1]
         return input.new_empty((p, p), dtype=torch.float64)
 
 
+def _fake(ns: str, name: str):
+    """register_fake for ns::name, or a no-op when that namespace has no such op (no Triton gram)."""
+    if not hasattr(getattr(torch.ops, ns), name):
+        return lambda fn: fn
+    return torch.library.register_fake(f"{ns}::{name}")
+
+
 if backends.extension_loaded():  # the schemas exist only when fastlin._C loaded
-    _register_fakes()
+    register_fakes("fastlin")
     # The OpOverloads' C++ callables (OpOverload.__call__ is exactly `self._op(*args)`; calling
     # it directly saves a Python frame per op on the hot path).
     native_linear = torch.ops.fastlin.linear.default._op

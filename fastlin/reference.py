@@ -15,6 +15,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, for an op's outputs. A no-op t.to(t.dtype) hands back t itself, and torch 2.11's
+    dynamo gets an autograd.Function wrong whose forward returns such a tensor: the compiled
+    gradient is zero (seen with fastlin's Functions on the reference backend, and with a 10-line
+    Function returning (a - b).square().sum().to(a.dtype); torch 2.13 is right). So the cast is
+    skipped when there is nothing to cast."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
@@ -26,7 +35,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     y = input.to(a) @ weight.to(a).T
     if bias is not None:
         y = y + bias.to(a)
-    return y.to(input.dtype)
+    return _cast(y, input.dtype)
 
 
 def linear_backward(grad_output, input, weight, output_mask):
@@ -40,9 +49,9 @@ def linear_backward(grad_output, input, weight, output_mask):
     g = grad_output.to(a)
     dt = input.dtype
     return (
-        (g @ weight.to(a)).to(dt) if output_mask[0] else _empty(input),
-        (g.T @ input.to(a)).to(dt) if output_mask[1] else _empty(input),
-        g.sum(0).to(dt) if output_mask[2] else _empty(input),
+        _cast(g @ weight.to(a), dt) if output_mask[0] else _empty(input),
+        _cast(g.T @ input.to(a), dt) if output_mask[1] else _empty(input),
+        _cast(g.sum(0), dt) if output_mask[2] else _empty(input),
     )
 
 
@@ -51,9 +60,9 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     C.check_mse_args("mse_loss", input, target, reduction)
     sq = (input.to(_acc(input.dtype)) - target.to(_acc(input.dtype))).square()
     if reduction == "none":
-        return sq.to(input.dtype)
+        return _cast(sq, input.dtype)
     out = sq.sum() if reduction == "sum" else sq.sum() / sq.numel() if sq.numel() else sq.sum() * math.nan
-    return out.to(input.dtype)
+    return _cast(out, input.dtype)
 
 
 def mse_loss_backward(grad_output, input, target, reduction: str = "mean") -> torch.Tensor:
@@ -61,7 +70,7 @@ def mse_loss_backward(grad_output, input, target, reduction: str = "mean") -> to
     C.check_mse_grad_output("mse_loss_backward", grad_output, input)
     a = _acc(input.dtype)
     scale = 2.0 / input.numel() if reduction == "mean" and input.numel() else 2.0
-    return ((input.to(a) - target.to(a)) * grad_output.to(a) * scale).to(input.dtype)
+    return _cast((input.to(a) - target.to(a)) * grad_output.to(a) * scale, input.dtype)
 
 
 def linear_mse_loss(input, weight, bias, target, reduction="mean", output_mask=(True, True, True, True)):
@@ -84,11 +93,11 @@ def linear_mse_loss(input, weight, bias, target, reduction="mean", output_mask=(
     g = r * scale
     m = output_mask
     return (
-        loss.to(dt),
-        (g @ w).to(dt) if m[0] else _empty(input),
-        (g.T @ x).to(dt) if m[1] else _empty(input),
-        g.sum(0).to(dt) if m[2] else _empty(input),
-        (-g).to(dt) if m[3] else _empty(input),
+        _cast(loss, dt),
+        _cast(g @ w, dt) if m[0] else _empty(input),
+        _cast(g.T @ x, dt) if m[1] else _empty(input),
+        _cast(g.sum(0), dt) if m[2] else _empty(input),
+        _cast(-g, dt) if m[3] else _empty(input),
     )
 
 
@@ -238,7 +247,7 @@ def train_step(
             first_step,
             False,
         )
-    return loss.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    return _cast(loss, torch.float64 if input.dtype == torch.float64 else torch.float32)
 
 
 def fit(
@@ -327,7 +336,7 @@ def fit(
             if not ok:
                 break
             history[e] = total / weight_total
-    return history.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    return _cast(history, torch.float64 if input.dtype == torch.float64 else torch.float32)
 
 
 # Rows per chunk of the reference gram: bounds its float64 copy of the data (~8 MB at D + O = 64).

@@ -243,10 +243,13 @@ def test_extension_uses_the_shared_cxx_runtime():
 
 
 def test_auto_on_cuda_picks_per_op(monkeypatch):
-    """auto on CUDA tensors: CUDA C++ first for every op (the H200 measurements behind
-    backends._AUTO_CUDA_DEFAULT), unless _AUTO_CUDA names another order for the op; each falls back
-    to the other GPU backend, then to the reference. (Availability is faked: no GPU needed.)"""
+    """auto on CUDA tensors: CUDA C++ first (the H200 measurements behind
+    backends._AUTO_CUDA_DEFAULT) except where _AUTO_CUDA_CASES names another order for the op, the
+    input dtype and the output width (Triton first for the one-pass ops on bfloat16 with more than
+    4 outputs); each falls back to the other GPU backend, then to the reference. (Availability is
+    faked: no GPU needed.)"""
     resolve, cuda = fastlin.backends.resolve, torch.device("cuda")
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
     fastlin.backends.status()  # probe first, so the faked entries below are not overwritten
 
     def available(cuda_ok, triton_ok):
@@ -256,13 +259,37 @@ def test_auto_on_cuda_picks_per_op(monkeypatch):
     ops = ("train_step", "fit", "linear_mse_loss", "sgd_update_", "linear", "mse_loss", None)
     available(True, True)
     assert [resolve("auto", cuda, op) for op in ops] == ["cuda"] * len(ops)
-    # a per-op order (what a measurement with Triton ahead for an op would add) applies to that op only
-    monkeypatch.setitem(fastlin.backends._AUTO_CUDA, "train_step", ("triton", "cuda"))
-    assert [resolve("auto", cuda, op) for op in ops] == ["triton"] + ["cuda"] * (len(ops) - 1)
+    onepass = ("train_step", "fit", "linear_mse_loss")
+    for op in ops:
+        for dtype, width in ((bf16, 16), (bf16, 5), (bf16, 4), (bf16, 1), (f32, 16), (f16, 16), (None, 16)):
+            want = "triton" if op in onepass and dtype == bf16 and width > 4 else "cuda"
+            assert resolve("auto", cuda, op, dtype, width) == want, (op, dtype, width)
+    # an explicit backend is never overridden
+    assert resolve("cuda", cuda, "train_step", bf16, 16) == "cuda"
     available(True, False)
-    assert {resolve("auto", cuda, op) for op in ops} == {"cuda"}
+    assert {resolve("auto", cuda, op, bf16, 16) for op in ops} == {"cuda"}
     available(False, True)
-    assert {resolve("auto", cuda, op) for op in ops} == {"triton"}
+    assert {resolve("auto", cuda, op, f32, 1) for op in ops} == {"triton"}
     available(False, False)
-    assert {resolve("auto", cuda, op) for op in ops} == {"reference"}
+    assert {resolve("auto", cuda, op, bf16, 16) for op in ops} == {"reference"}
     assert resolve("auto", torch.device("cpu"), "train_step") in ("cpp", "reference")
+
+
+def test_one_pass_ops_tell_auto_their_dtype_and_width(monkeypatch):
+    """ops.train_step / linear_mse_loss / fit hand the input dtype and out_features to the backend
+    choice (what auto's per-case order on CUDA goes by); the op then runs as usual."""
+    seen = []
+    real = fastlin.backends.resolve
+
+    def spy(backend, device, op=None, dtype=None, out_features=None):
+        seen.append((op, dtype, out_features))
+        return real(backend, device, op, dtype, out_features)
+
+    monkeypatch.setattr(fastlin.backends, "resolve", spy)
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    w, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    fastlin.ops.train_step(x, y, w.clone(), b.clone(), lr=0.1)
+    fastlin.ops.linear_mse_loss(x, w, b, y)
+    fastlin.ops.fit(x, y, w.clone(), b.clone(), epochs=1, lr=0.1)
+    got = [s for s in seen if s[0] in ("train_step", "linear_mse_loss", "fit")]
+    assert got == [(op, torch.float64, 5) for op in ("train_step", "linear_mse_loss", "fit")], seen

@@ -33,7 +33,8 @@ def test_gpu_bench_dry_run(tmp_path):
     for case in (
         "train_step N=4096 D=32 O=1 fp32",
         "train_step N=4096 D=32 O=8 bf16",
-        "linear_mse_loss",
+        "linear_mse_loss N=4096 D=32 O=1 fp32",
+        "linear_mse_loss N=4096 D=32 O=16 bf16",
         "sgd_update_",
     ):
         assert case in table, f"{case!r} missing from the table:\n{table}"

@@ -11,6 +11,7 @@ true fp32; "high"/"medium": "tf32"), or "ieee", "tf32", "tf32x3" set by :func:`s
 or FASTLIN_TRITON_INPUT_PRECISION.
 """
 
+from fastlin import ops as _ops
 from fastlin.triton import _common
 from fastlin.triton._common import input_precision, set_input_precision
 from fastlin.triton.fit import fit
@@ -28,6 +29,9 @@ del _op
 # fit is a whole training loop (epochs x batches of launches, a seeded generator for the shuffles):
 # torch.compile calls it as one opaque op rather than unrolling it into a graph.
 _common.make_opaque(fit)
+# Shape-only fakes, those of the C++ ops (torch.export keeps a triton_op opaque and runs its fake:
+# the default one, the launcher itself, pinned a dynamic batch to its example size).
+_ops.register_fakes("fastlin_triton")
 
 __all__ = [
     "fit",

@@ -204,13 +204,30 @@ def step_contenders(N, D, O, dtype, backends):
         out[be] = fused
         if be == "triton" and O <= 4:
             # the persistent grid: PROGRAMS_PER_SM programs per SM (default 2), a few others beside it
-            for pps in (1, 3, 4):
-                out[f"triton:pps{pps}"] = InSetting(functools.partial(_programs, pps), fused)
+            for v in ("pps1", "pps3", "pps4"):
+                out[f"triton:{v}"] = InSetting(functools.partial(_setting, v), fused)
+        if be == "triton" and O == 1 and dtype == torch.bfloat16:
+            # the two paths the autotuner chooses between (fastlin.triton._common.PACK_ONE_OUTPUT):
+            # one output on the tensor cores, and the FMA path
+            for v in ("pack", "fma"):
+                out[f"triton:{v}"] = InSetting(functools.partial(_setting, v), fused)
         if be == "triton" and O > 4:
             # the tl.dot path: the default "ieee" fp32 and the tensor-core precisions, side by side
             for prec in ("tf32x3", "tf32"):
-                out[f"triton:{prec}"] = InSetting(functools.partial(_precision, prec), fused)
+                out[f"triton:{prec}"] = InSetting(functools.partial(_setting, prec), fused)
     return x, y, out
+
+
+def _setting(variant: str):
+    """The context a contender variant runs in: "pps<k>" programs per SM, "pack" / "fma" the one-
+    output path forced, else a tl.dot input precision."""
+    from fastlin.triton import _common
+
+    if variant.startswith("pps"):
+        return mock.patch.object(_common, "PROGRAMS_PER_SM", int(variant[3:]))
+    if variant in ("pack", "fma"):
+        return mock.patch.object(_common, "PACK_ONE_OUTPUT", variant == "pack")
+    return _precision(variant)
 
 
 @contextlib.contextmanager
@@ -220,12 +237,6 @@ def _precision(prec):
         yield
     finally:
         fastlin.triton.set_input_precision(None)  # back to following torch's setting
-
-
-def _programs(pps):
-    from fastlin.triton import _common
-
-    return mock.patch.object(_common, "PROGRAMS_PER_SM", pps)
 
 
 def update_errors(x, y, names) -> dict:
@@ -265,13 +276,13 @@ def update_errors(x, y, names) -> dict:
         out["eager"] = err(model.weight - model.weight.grad, model.bias - model.bias.grad)
     del model
     for name in names:
-        be, _, prec = name.partition(":")
+        be, _, variant = name.partition(":")
         if be not in ("triton", "cuda", "cpp"):
             continue
         w, b = w0.clone(), b0.clone()
         step = functools.partial(ops.train_step, x, y, w, b, lr=1.0, backend=be)
         try:
-            with _precision(prec) if prec else contextlib.nullcontext():
+            with _setting(variant) if variant else contextlib.nullcontext():
                 step()
             out[name] = err(w, b)
         except Exception as e:
@@ -484,7 +495,7 @@ def sgd_launch_shapes(ps, gs, bufs, backends) -> dict:
 
 def variant_names(rows: list) -> list:
     """Result names that are variants of a contender listed under the table, not as columns."""
-    return sorted({n for r in rows for n in r["results"] if ":pps" in n})
+    return sorted({n for r in rows for n in r["results"] if ":pps" in n or ":pack" in n or ":fma" in n})
 
 
 def table(rows: list, bw_gbs: float, names: list) -> str:

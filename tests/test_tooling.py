@@ -50,6 +50,11 @@ def test_gpu_bench_dry_run(tmp_path):
     assert "launch shapes" in table and "triton 1024/4" in table
     # the Triton programs-per-SM variants of the O = 1 steps are timed and listed under the table
     assert "triton:pps3" in step["results"] and "variants" in table
+    # and bf16 O = 1 times both one-output paths the autotuner chooses between, each float32-accurate
+    b16 = rows["train_step N=4096 D=32 O=1 bf16"]
+    for v in ("triton:pack", "triton:fma"):
+        assert v in b16["results"] and v in table, b16["results"].keys()
+        assert b16["update_error"][v] < 1e-5, b16["update_error"]
 
 
 def test_gpu_profile_summary(tmp_path, capsys):

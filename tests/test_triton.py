@@ -324,6 +324,67 @@ def test_linear_mse_loss_low_precision(device, dtype, shape):
         check(o, r, dtype, name)
 
 
+PACK_SHAPES = [(1, 17), (7, 32), (4097, 20), (65, 256), (130, 200)]  # (PACK needs 16 <= BLOCK_D <= 256)
+
+
+@pytest.mark.parametrize("shape", PACK_SHAPES, ids=[f"N{n}-D{d}" for n, d in PACK_SHAPES])
+def test_bf16_one_output_packed_dot(device, monkeypatch, shape):
+    """PACK_ONE_OUTPUT: bfloat16 x with one output on the tensor cores, the three bf16 pieces of w
+    (and of the residuals) packed into one tl.dot operand. Products stay exact, so a step meets the
+    float32 tolerance against float64 math on the same bf16 values, with bias or sample weights and
+    momentum; linear_mse_loss (bf16 weights) and linear_backward's grad_weight (the given-gradient
+    form) meet the bf16 tolerance, and fit's shuffled batches (gathered rows) the float32 one."""
+    N, D = shape
+    monkeypatch.setattr(K, "PACK_ONE_OUTPUT", True)
+    bf = torch.bfloat16
+
+    def packed():  # the config of the one-pass kernel's last launch
+        return OP._onepass_kernel.best_config.kwargs["PACK"]
+
+    x, y = rand(N, D, dtype=bf, device=device), rand(N, 1, dtype=bf, device=device)
+    T.linear_mse_loss(
+        rand(N, 257, dtype=bf, device=device),
+        rand(1, 257, dtype=bf, device=device),
+        None,
+        y,
+        "mean",
+        [False, True, False, False],
+    )
+    assert not packed()  # rows wider than 256 columns: the FMA path whatever the setting
+    sw = torch.rand(N, device=device) + 0.5
+    for bias, use_sw, oi in ((True, False, 0), (False, True, 2)):
+        opts = SGD_OPTS[oi]
+        w, b, wm, bm = _params(1, D, f32, device, bias, opts["momentum"] != 0)
+        ref = [d64(t) for t in (w, b, wm, bm)]
+        old = [None if t is None else t.clone() for t in (w, b, wm, bm)]
+        s_ = sw if use_sw else None
+        loss = T.train_step(x, y, w, b, wm, bm, s_, *opts.values(), False)
+        assert packed()
+        lref = R.train_step(d64(x), d64(y), *ref, d64(s_), *opts.values(), False)
+        check(loss, lref, f32, "loss")
+        for name, t, r, o in zip(("weight", "bias", "weight_momentum"), (w, b, wm), ref, old):
+            if t is not None:
+                check_update(t, o, r, f32, f"{name} update")
+    w16, b16 = rand(1, D, dtype=bf, device=device), rand(1, dtype=bf, device=device)
+    out = T.linear_mse_loss(x, w16, b16, y, "mean", [True] * 4)
+    ref = R.linear_mse_loss(d64(x), d64(w16), d64(b16), d64(y), "mean", [True] * 4)
+    for name, o, r in zip(("loss", "grad_input", "grad_weight", "grad_bias", "grad_target"), out, ref):
+        check(o, r, bf, name)
+    _, gw, gb = T.linear_backward(y, x, w16, [False, True, True])
+    _, gwr, gbr = R.linear_backward(d64(y), d64(x), d64(w16), [False, True, True])
+    check(gw, gwr, bf, "grad_weight")
+    check(gb, gbr, bf, "grad_bias")
+    w, b, wm, bm = _params(1, D, f32, device, True, True)
+    ref = [t.clone() for t in (w, b, wm, bm)]
+    old = [t.clone() for t in (w, b, wm, bm)]
+    args = (2, max(16, N // 3), True, 1234, 0.05, 0.9, 0.0, 0.01, True, False, True)  # a short last batch
+    hist = T.fit(x, y, w, b, wm, bm, None, *args)
+    href = R.fit(x, y, *ref, None, *args)
+    check(hist, href.to(f64), f32, "history")
+    for name, t, r, o in zip(("weight", "bias"), (w, b), ref, old):
+        check_update(t, o, r, f32, f"fit {name} change", factor=10.0)
+
+
 @pytest.mark.parametrize("D", [64, 257], ids=["one-chunk", "chunked"])
 def test_bf16_x_on_the_dot_path_is_float32_exact(device, D):
     """bfloat16 x and targets, float32 parameters, O > 4 (tl.dot): the kernel multiplies x by three

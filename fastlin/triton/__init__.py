@@ -3,9 +3,10 @@ with the signatures of csrc/ops.cpp (torch.library.triton_op + wrap_triton, so t
 through them). Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before triton
 is first imported). Select it with backend="triton" (or FASTLIN_BACKEND=triton).
 
-Numerics: fp32 accumulation for fp32/bf16/fp16 inputs, fp64 for fp64. tl.dot (used only for O > 4
-outputs) multiplies a bfloat16 x by three bf16 pieces of each float32 operand (exact products,
-float32 sums, bf16 tensor cores) and runs float32 operands at ``input_precision()``: by default what
+Numerics: fp32 accumulation for fp32/bf16/fp16 inputs, fp64 for fp64. tl.dot (used for O > 4
+outputs, and for one output with a bfloat16 x where the autotuner picks it: PACK_ONE_OUTPUT)
+multiplies a bfloat16 x by three bf16 pieces of each float32 operand (exact products, float32
+sums, bf16 tensor cores) and runs float32 operands at ``input_precision()``: by default what
 torch.get_float32_matmul_precision() asks of torch's own matmuls ("highest", torch's default: "ieee",
 true fp32; "high"/"medium": "tf32"), or "ieee", "tf32", "tf32x3" set by :func:`set_input_precision`
 or FASTLIN_TRITON_INPUT_PRECISION.

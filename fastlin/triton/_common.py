@@ -78,6 +78,13 @@ PROGRAMS_PER_SM = 2  # with the pipelined tile loop 2 resident programs per SM k
 MAX_BLOCK_D = 512  # O <= 4 path: widest row (x BLOCK_O) kept whole in registers
 MAX_BLOCK_D_DOT = 256  # the same for the tl.dot path (O > 4), also capped by the W tile: 8192 // BLOCK_O
 MAX_BLOCK_O = 64  # outputs per program on the tl.dot path; more outputs split over a second grid axis
+# One output and a bfloat16 x on the tensor cores (_onepass PACK: the three bf16 pieces of w packed
+# into one tl.dot operand; two bf16 dots a tile instead of ~2 FMAs and a 32-lane shuffle reduction
+# per row on the CUDA cores): None lets the autotuner choose between it and the FMA path (the FMA
+# path is the heuristic pick without autotuning: 0.661 ms, 76% of the bf16 read on an H200, while
+# PACK is unmeasured), True forces it, False rules it out. FASTLIN_TRITON_PACK_ONE_OUTPUT=1 / 0.
+_pack_env = os.environ.get("FASTLIN_TRITON_PACK_ONE_OUTPUT", "").strip()
+PACK_ONE_OUTPUT: bool | None = None if _pack_env == "" else _pack_env == "1"
 INTERPRET_PROGRAMS = 4  # the interpreter runs programs one after the other: few, big ones
 # FASTLIN_TRITON_AUTOTUNE=0: no benchmarking, the first (heuristic) config for each shape. For test
 # runs on a GPU, where every shape would otherwise be tuned; benchmarks leave it on.

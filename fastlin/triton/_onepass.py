@@ -18,6 +18,11 @@ Two code paths by O:
     fastlin.triton settings ("ieee" by default). A bfloat16 x (SPLIT) stays bfloat16: each float32
     operand it meets (W, the residuals) goes in as three bf16 pieces that sum to it exactly, so every
     product is exact and the sums are float32, on the bf16 tensor cores whatever the precision setting.
+  * O = 1 with a bfloat16 x (PACK, an autotuner choice): the 2-D path with both products on the
+    tensor cores. The three bf16 pieces of w (and of the residuals) are the first columns of one
+    16-wide bf16 operand, so a tile takes two bf16 dots (exact products, float32 sums; wgmma on
+    sm_90a) instead of per-row FMAs and 32-lane shuffle reductions: about a third of the warp
+    instructions per byte of x in the sm_90a SASS.
 Rows wider than MAX_BLOCK_D columns are walked in BLOCK_D chunks (ONE_CHUNK=False): a first loop
 computes the residual, a second one re-reads the (cache-hot) tile and accumulates dW in the
 program's own workspace slice (read-modify-write by its owner only: deterministic).
@@ -50,14 +55,28 @@ from fastlin.triton._common import cast_out, fma_mm, fma_mm_nt, is_finite, scala
 # autotuning: BLOCK_N and num_warps; everything else is fixed by the shapes on the host.
 
 
+# PACK tiles (rows, warps, stages), best first. Warp instructions of the sm_90a tile loop per byte of
+# x (bf16, D = 256; ptxas of Triton 3.6's PTX): 64 x 4 0.040, 32 x 4 0.059, 64 x 8 0.083, against the
+# FMA path's 0.135 / 0.147 (32 x 8 / 16 x 8, 6 stages). Both dots read x from shared memory (wgmma),
+# so registers hold little beyond the accumulators: 64 x 4 x 3 stages takes 106 registers and
+# 108.5 KB of shared memory (two programs fit an SM's 227 KB).
+PACK_TILES = ((64, 4, 3), (32, 4, 6), (64, 8, 3))
+PACK_COLS = tl.constexpr(16)  # columns of the packed operand (tl.dot's minimum): 3 used
+
+
 def _onepass_configs():
-    if K.INTERPRET:  # one config: the autotuner then skips benchmarking (slow in the interpreter)
-        return [triton.Config({"BLOCK_N": 64, "NUM_STAGES": 1}, num_warps=4)]
+    if K.INTERPRET:  # one config per path: the prune keeps one, so no benchmarking (slow there)
+        return [
+            triton.Config({"BLOCK_N": 64, "NUM_STAGES": 1, "PACK": p}, num_warps=4) for p in (False, True)
+        ]
     configs = [
-        triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w)
+        triton.Config({"BLOCK_N": bn, "NUM_STAGES": s, "PACK": False}, num_warps=w)
         for bn in (1, 2, 4, 8, 16, 32, 64, 128)
         for w in (4, 8)
         for s in (1, 3, 6)
+    ]
+    configs += [
+        triton.Config({"BLOCK_N": bn, "NUM_STAGES": s, "PACK": True}, num_warps=w) for bn, w, s in PACK_TILES
     ]
     # first: a tile legal on every path (tl.dot needs 16 rows). torch.compile's functionalization
     # compiles the first config to find which arguments the kernel writes; one that fails to compile
@@ -66,6 +85,9 @@ def _onepass_configs():
     configs.sort(key=lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) != (16, 4, 1))
     return configs
 
+
+# K.PACK_ONE_OUTPUT -> PACK_MODE: the autotuner picks between the paths / PACK only / never PACK
+PACK_AUTO, PACK_ON, PACK_OFF = 0, 1, 2
 
 # the estimate of a config's shared memory (see _prune_onepass) stays under this; measured sizes of
 # the kept configs are checked by bench/triton_compile_check.py
@@ -83,6 +105,20 @@ def _prune_onepass(configs, named_args, **kwargs):
     with 3 stages: 70% of its read limit on an H200, fp32 94%)."""
     bd, bo, dot = kwargs["BLOCK_D"], kwargs["BLOCK_O"], kwargs["USE_DOT"]
     x_bytes = named_args["x_ptr"].element_size()
+    # PACK (see PACK_TILES): bf16 x, one output, whole rows of 16 or more columns; PACK_MODE (from
+    # K.PACK_ONE_OUTPUT) says which paths the autotuner may pick
+    mode = kwargs["PACK_MODE"]
+    can_pack = (
+        named_args["x_ptr"].dtype == torch.bfloat16
+        and bo == 1
+        and not dot
+        and kwargs["ONE_CHUNK"]
+        and 16 <= bd <= K.MAX_BLOCK_D_DOT
+    )
+    packed = [c for c in configs if c.kwargs["PACK"]] if can_pack and mode != PACK_OFF else []
+    if packed and mode == PACK_ON:
+        return packed[:1] if K.INTERPRET or not K.AUTOTUNE else packed
+    configs = [c for c in configs if not c.kwargs["PACK"]]
     fits = {}
     for c in configs:
         bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]
@@ -132,7 +168,9 @@ def _prune_onepass(configs, named_args, **kwargs):
             if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) in ((16, 4, 3), (16, 4, 1))
             and c not in out
         ]
-    return out if K.AUTOTUNE else out[:1]
+    if K.INTERPRET or not K.AUTOTUNE:
+        return out[:1]
+    return out + packed  # the FMA path first: the heuristic pick until a GPU measures PACK
 
 
 @triton.jit
@@ -212,6 +250,16 @@ def _bf16_pieces(v):
 
 
 @triton.jit
+def _pieces_as_rows(v, ROWS: tl.constexpr):
+    """(ROWS, len(v)) bfloat16: rows 0, 1, 2 the three bf16 pieces of the float32 vector v (their sum
+    is v exactly), the other rows zero."""
+    p1, p2, p3 = _bf16_pieces(v)
+    j = tl.arange(0, ROWS)[:, None]
+    z = tl.zeros_like(p1)[None, :]
+    return tl.where(j == 0, p1[None, :], tl.where(j == 1, p2[None, :], tl.where(j == 2, p3[None, :], z)))
+
+
+@triton.jit
 def _dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
     """acc + a @ b for bfloat16 a and b, float32 sums. (Triton 3.6's interpreter returns garbage for a
     bf16 tl.dot; there the exact bf16 values go in as float32, the same products.)"""
@@ -254,8 +302,12 @@ def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
         "NEED_GX",
         "NEED_GT",
         "PRECISION",
+        "PACK_MODE",
     ],
     prune_configs_by={"early_config_prune": _prune_onepass},
+    # the interpreter: two configs (one per path) and a prune that keeps one; Triton's autotuner
+    # still times that one, which needs a GPU driver: a no-op timing instead
+    do_bench=(lambda kernel_call, quantiles: [0.0, 0.0, 0.0]) if K.INTERPRET else None,
 )
 # n_rows changes with every batch (fit's last one is shorter) and only bounds loops and masks:
 # not specialised, so it never triggers a recompile.
@@ -311,6 +363,8 @@ def _onepass_kernel(
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     AHEAD: tl.constexpr,
+    PACK: tl.constexpr,
+    PACK_MODE: tl.constexpr,  # (an autotune key only: which paths the prune offers)
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -324,15 +378,20 @@ def _onepass_kernel(
     scale = scalar(row_scale, ACC)
     ws_row = tl.cast(pid, tl.int64) * O * D  # this program's slice of ws_w
 
-    if ONE_CHUNK and BLOCK_O == 1 and not USE_DOT:
+    if ONE_CHUNK and BLOCK_O == 1 and not USE_DOT:  # (PACK: only here)
         # ---- O = 1, the linear-regression case: 2-D tiles only. x is read once into registers; the
         # dW accumulator has the tile's shape, so a tile costs one row reduction (x_i . w) and FMAs.
         mask_d = offs_d < D
         if not GIVEN_G:
             w1 = tl.load(w_ptr + offs_d * s_wd, mask=mask_d, other=0).to(ACC)  # (BLOCK_D,)
+            if PACK:  # (the pieces are loop-invariant)
+                w3 = _pieces_as_rows(w1, PACK_COLS)  # (PACK_COLS, BLOCK_D) bf16
             if HAS_BIAS:
                 b1 = tl.load(b_ptr).to(ACC)
-        acc_w = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+        if PACK:  # dW^T in its pieces' columns: x^T @ G3 keeps D as the dot's long side (wgmma's M)
+            acc_w = tl.zeros((BLOCK_D, PACK_COLS), ACC)
+        else:
+            acc_w = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         acc_b = tl.zeros((BLOCK_N,), ACC)
         acc_l = tl.zeros((BLOCK_N,), ACC)
         acc_s = tl.zeros((BLOCK_N,), ACC)
@@ -367,11 +426,17 @@ def _onepass_kernel(
                     x_ptr + rows[:, None] * s_xn + offs_d[None, :] * s_xd,
                     mask=mask_n[:, None] & mask_d[None, :],
                     other=0,
-                ).to(ACC)
+                )
+                if not PACK:  # (PACK multiplies the bf16 tile itself)
+                    x = x.to(ACC)
             if GIVEN_G:
                 g = v
             else:
-                r = tl.sum(x * w1[None, :], axis=1) - v
+                if PACK:  # x @ W3^T: the pieces' products in columns 0..2, summed
+                    pred3 = _dot_bf16(x, tl.trans(w3), tl.zeros((BLOCK_N, PACK_COLS), ACC), INTERPRET)
+                    r = tl.sum(pred3, axis=1) - v
+                else:
+                    r = tl.sum(x * w1[None, :], axis=1) - v
                 if HAS_BIAS:
                     r = r + b1
                 r = tl.where(mask_n, r, 0)  # tail rows would otherwise carry the bias
@@ -394,11 +459,14 @@ def _onepass_kernel(
                         mask=mask_n[:, None] & mask_d[None, :],
                     )
             if NEED_GW:
-                acc_w += g[:, None] * x
+                if PACK:  # x^T @ G3, G3 (BLOCK_N, PACK_COLS) holding g's three pieces
+                    acc_w = _dot_bf16(tl.trans(x), tl.trans(_pieces_as_rows(g, PACK_COLS)), acc_w, INTERPRET)
+                else:
+                    acc_w += g[:, None] * x
             if NEED_GB:
                 acc_b += g
         if NEED_GW:
-            tl.store(ws_w_ptr + ws_row + offs_d, tl.sum(acc_w, axis=0), mask=mask_d)
+            tl.store(ws_w_ptr + ws_row + offs_d, tl.sum(acc_w, axis=1 if PACK else 0), mask=mask_d)
         if NEED_GB:
             tl.store(ws_b_ptr + pid, tl.sum(acc_b, axis=0))
         loss_part = tl.sum(acc_l, axis=0)
@@ -1049,6 +1117,7 @@ def run_onepass(
         INTERPRET=K.INTERPRET,
         # y / sample weights narrower than cp.async's 4 bytes: loaded a tile ahead in registers
         AHEAD=min(y.element_size(), sw.element_size() if sw is not None else 4) < 4,
+        PACK_MODE={None: PACK_AUTO, True: PACK_ON, False: PACK_OFF}[K.PACK_ONE_OUTPUT],
         BLOCK_D=pl.BLOCK_D,
         BLOCK_O=pl.BLOCK_O,
     )

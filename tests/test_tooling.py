@@ -33,6 +33,7 @@ def test_gpu_bench_dry_run(tmp_path):
     for case in (
         "train_step N=4096 D=32 O=1 fp32",
         "train_step N=4096 D=32 O=8 bf16",
+        "train_step N=4096 D=32 O=8 fp16",
         "linear_mse_loss N=4096 D=32 O=1 fp32",
         "linear_mse_loss N=4096 D=32 O=16 bf16",
         "sgd_update_",

@@ -52,7 +52,8 @@ from fastlin.triton import _common as K
 from fastlin.triton._common import cast_out, fma_mm, fma_mm_nt, is_finite, scalar
 
 # ---------------------------------------------------------------------------------------------
-# autotuning: BLOCK_N and num_warps; everything else is fixed by the shapes on the host.
+# autotuning: BLOCK_N, num_warps, NUM_STAGES and (bf16 x, one output) PACK; everything else is
+# fixed by the shapes on the host.
 
 
 # PACK tiles (rows, warps, stages), best first. Warp instructions of the sm_90a tile loop per byte of

@@ -365,6 +365,15 @@ def test_bf16_one_output_packed_dot(device, monkeypatch, shape):
         for name, t, r, o in zip(("weight", "bias", "weight_momentum"), (w, b, wm), ref, old):
             if t is not None:
                 check_update(t, o, r, f32, f"{name} update")
+    # a column-major x (strided loads instead of 16-byte rows)
+    w, b = rand(1, D, device=device), rand(1, device=device)
+    ref = [d64(w), d64(b)]
+    old = [w.clone(), b.clone()]
+    loss = T.train_step(noncontig(x), y, w, b, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    assert packed()
+    lref = R.train_step(d64(x), d64(y), *ref, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    check(loss, lref, f32, "loss, column-major x")
+    check_update(w, old[0], ref[0], f32, "weight update, column-major x")
     w16, b16 = rand(1, D, dtype=bf, device=device), rand(1, dtype=bf, device=device)
     out = T.linear_mse_loss(x, w16, b16, y, "mean", [True] * 4)
     ref = R.linear_mse_loss(d64(x), d64(w16), d64(b16), d64(y), "mean", [True] * 4)

@@ -163,6 +163,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device; None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def persistent_programs(device: torch.device, work_items: int) -> int:
     """Programs of a persistent kernel: a few per SM, never more than there are items of work.
     Fixed by the device, not by the autotuned tile size, so workspaces can be sized before the

@@ -106,11 +106,14 @@ def _prune_onepass(configs, named_args, **kwargs):
     with 3 stages: 70% of its read limit on an H200, fp32 94%)."""
     bd, bo, dot = kwargs["BLOCK_D"], kwargs["BLOCK_O"], kwargs["USE_DOT"]
     x_bytes = named_args["x_ptr"].element_size()
-    # PACK (see PACK_TILES): bf16 x, one output, whole rows of 16 or more columns; PACK_MODE (from
-    # K.PACK_ONE_OUTPUT) says which paths the autotuner may pick
+    # PACK (see PACK_TILES): bf16 x, one output, whole rows of 16 or more columns, on sm_90 or later
+    # (or the interpreter): for sm_80 Triton 3.6 does not pipeline its tile loop (no cp.async in the
+    # PTX). PACK_MODE (from K.PACK_ONE_OUTPUT) says which paths the autotuner may pick.
     mode = kwargs["PACK_MODE"]
+    cap = K.device_capability(named_args["x_ptr"].device)
     can_pack = (
-        named_args["x_ptr"].dtype == torch.bfloat16
+        (cap is None or cap >= (9, 0))
+        and named_args["x_ptr"].dtype == torch.bfloat16
         and bo == 1
         and not dot
         and kwargs["ONE_CHUNK"]

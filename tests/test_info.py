@@ -276,20 +276,38 @@ def test_auto_on_cuda_picks_per_op(monkeypatch):
 
 
 def test_one_pass_ops_tell_auto_their_dtype_and_width(monkeypatch):
-    """ops.train_step / linear_mse_loss / fit hand the input dtype and out_features to the backend
-    choice (what auto's per-case order on CUDA goes by); the op then runs as usual."""
-    seen = []
-    real = fastlin.backends.resolve
+    """ops.train_step / linear_mse_loss / fit choose their implementation through
+    ops._onepass_impl, which hands a CUDA input's dtype and out_features to the backend choice (what
+    auto's per-case order goes by) and leaves them out on the CPU (those reads cost ~0.45 us a
+    call there). No GPU needed: a stand-in says is_cuda, availability is faked."""
+    import types
 
-    def spy(backend, device, op=None, dtype=None, out_features=None):
+    calls, seen = [], []
+    real_impl, real_resolve = fastlin.ops._onepass_impl, fastlin.backends.resolve
+
+    def impl_spy(name, backend, input, weight):
+        calls.append(name)
+        return real_impl(name, backend, input, weight)
+
+    def resolve_spy(backend, device, op=None, dtype=None, out_features=None):
         seen.append((op, dtype, out_features))
-        return real(backend, device, op, dtype, out_features)
+        return real_resolve(backend, device, op, dtype, out_features)
 
-    monkeypatch.setattr(fastlin.backends, "resolve", spy)
+    monkeypatch.setattr(fastlin.ops, "_onepass_impl", impl_spy)
+    monkeypatch.setattr(fastlin.backends, "resolve", resolve_spy)
     x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
     w, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     fastlin.ops.train_step(x, y, w.clone(), b.clone(), lr=0.1)
     fastlin.ops.linear_mse_loss(x, w, b, y)
     fastlin.ops.fit(x, y, w.clone(), b.clone(), epochs=1, lr=0.1)
-    got = [s for s in seen if s[0] in ("train_step", "linear_mse_loss", "fit")]
-    assert got == [(op, torch.float64, 5) for op in ("train_step", "linear_mse_loss", "fit")], seen
+    assert calls == ["train_step", "linear_mse_loss", "fit"]
+    assert [s for s in seen if s[0] in calls] == [(op, None, None) for op in calls]
+    # a CUDA input: dtype and width go to the choice, which is then Triton for bf16 with 16 outputs
+    fastlin.backends.status()
+    monkeypatch.setitem(fastlin.backends._status, "cuda", (True, "faked"))
+    monkeypatch.setitem(fastlin.backends._status, "triton", (True, "faked"))
+    cuda_x = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=torch.bfloat16)
+    seen.clear()
+    real_impl("train_step", "auto", cuda_x, torch.empty(16, 3))
+    assert seen == [("train_step", torch.bfloat16, 16)]
+    assert real_resolve("auto", cuda_x.device, *seen[0]) == "triton"

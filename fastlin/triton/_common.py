@@ -187,34 +187,14 @@ def persistent_programs(device: torch.device, work_items: int) -> int:
     return max(1, min(cap, int(work_items)))
 
 
-def _tracing_kind(args) -> str | None:
-    """ "fake" when called by the fake (meta) implementation, "functional" under AOT functionalization."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    for a in args:
-        if isinstance(a, FunctionalTensor):
-            return "functional"
-        if isinstance(a, torch.Tensor) and is_fake(a):
-            return "fake"
-    return None
-
-
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) through torch.library.wrap_triton.
-
-    Under the interpreter, wrap_triton hands back the raw interpreted kernel, which cannot run on
-    fake tensors: the fake implementation (shapes only) skips the launch there, and tracing for
-    torch.compile, which would silently drop the kernel, raises instead."""
+    """kernel[grid](*args, **kwargs), through torch.library.wrap_triton on a GPU (torch.compile
+    traces the launch). Under the interpreter the kernel is called as it is: the ops are opaque
+    there (opaque_under_interpreter) and have shape-only fakes, so no tracer reaches a launch, and
+    torch 2.11's wrap_triton refuses interpreted kernels (2.13's hands them back unwrapped)."""
     if INTERPRET:
-        kind = _tracing_kind(list(args) + list(kwargs.values()))
-        if kind == "fake":
-            return
-        if kind == "functional":
-            raise RuntimeError(
-                "fastlin: the Triton backend cannot be traced by torch.compile under TRITON_INTERPRET=1 "
-                "(interpreted kernels are invisible to the tracer); compile on a CUDA device"
-            )
+        kernel[grid](*args, **kwargs)
+        return
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     if (
         dev is not None

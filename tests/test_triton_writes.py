@@ -143,13 +143,17 @@ def _main() -> int:
             seen.add(key)
             n += 1
             failed_analyses.clear()
-            acc = TKW.identify_accessed_tensors(kernel, kw, {}).read_writes
+            if hasattr(TKW, "identify_accessed_tensors"):
+                acc = TKW.identify_accessed_tensors(kernel, kw, {}).read_writes
+                writes = {d.name for d in acc.writes}
+                touched = writes | {d.name for d in acc.reads}
+            else:  # torch < 2.13 (the GPU image's 2.11) names the writes only: no aliasing check
+                writes = set(TKW.identify_mutated_tensors(kernel, kw, {}))
+                touched = set()
             where = f"{label}: {fn.__name__}"
             if failed_analyses:
                 problems.append(f"{where}: the write analysis failed, every argument counts as written")
                 continue
-            writes = {d.name for d in acc.writes}
-            touched = writes | {d.name for d in acc.reads}
             bad = writes & READ_ONLY.get(fn.__name__, set())
             if bad:
                 problems.append(f"{where}: input(s) {sorted(bad)} count as written")

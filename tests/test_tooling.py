@@ -6,6 +6,7 @@ choice of the read limit (bench/harness.py), which every CPU figure in bench/RES
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -158,3 +159,25 @@ def test_bench_dtypes_runs(capsys):
     for dt in ("float32", "bfloat16", "float16"):
         assert f"341x3x1 {dt}" in words  # 2^10 // 3 rows
         assert f"{dt} mse_loss" in words
+
+
+def test_triton_sass_counts_the_tile_loop():
+    """bench/triton_sass.py compiles the one-pass kernel for sm_90a (no GPU) and counts its tile
+    loop: the packed bf16 path must come out well under the FMA path's instructions per byte (the
+    claim behind PACK in bench/RESULTS.md), and every config must report a loop."""
+    pytest.importorskip("triton")
+    out = {}
+    for pack in ("on", "off"):
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "triton_sass.py"), "--pack", pack],
+            cwd=ROOT,
+            env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        out[pack] = [float(v) for v in re.findall(r"([0-9.]+) warp instructions per byte", r.stdout)]
+        assert out[pack], r.stdout
+        assert all("PACK=1" in ln for ln in r.stdout.splitlines()[1:]) == (pack == "on"), r.stdout
+    assert max(out["on"][:1]) * 2 < min(out["off"]), out

@@ -57,10 +57,10 @@ from fastlin.triton._common import cast_out, fma_mm, fma_mm_nt, is_finite, scala
 
 
 # PACK tiles (rows, warps, stages), best first. Warp instructions of the sm_90a tile loop per byte of
-# x (bf16, D = 256; ptxas of Triton 3.6's PTX): 64 x 4 0.040, 32 x 4 0.059, 64 x 8 0.083, against the
-# FMA path's 0.135 / 0.147 (32 x 8 / 16 x 8, 6 stages). Both dots read x from shared memory (wgmma),
-# so registers hold little beyond the accumulators: 64 x 4 x 3 stages takes 106 registers and
-# 108.5 KB of shared memory (two programs fit an SM's 227 KB).
+# x (bf16, D = 256; python bench/triton_sass.py): 64 x 4 0.040, 32 x 4 0.059, 64 x 8 0.083, against
+# the FMA path's 0.116-0.148 (0.135 / 0.147 for 32 x 8 / 16 x 8 with 6 stages). Both dots read x
+# from shared memory (wgmma), so registers hold little beyond the accumulators: 64 x 4 x 3 stages
+# takes 106 registers and 108.5 KB of shared memory (two programs fit an SM's 227 KB).
 PACK_TILES = ((64, 4, 3), (32, 4, 6), (64, 8, 3))
 PACK_COLS = tl.constexpr(16)  # columns of the packed operand (tl.dot's minimum): 3 used
 

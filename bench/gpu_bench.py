@@ -407,7 +407,7 @@ def bench_linear_mse_loss(bw_gbs: float, backends: list, O: int, dtype: torch.dt
     warm(cont, "linear_mse_loss")
     res = measure(cont, max(3, ARGS.repeats // 3), ARGS.inner)
     x_bytes = x.numel() * x.element_size()
-    dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    dname = next(k for k, v in DTYPES.items() if v == dtype)
     return {
         "case": f"linear_mse_loss N={N} D={D} O={O} {dname} (loss+dW+db)",
         "x_bytes": x_bytes,

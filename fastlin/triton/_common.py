@@ -159,20 +159,21 @@ def tl_acc(dtype: torch.dtype):
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _props(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _cuda_props(device: torch.device):
+    """The (cached) properties of a CUDA device; the current one for an index-less device."""
+    return _props(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
     """(major, minor) compute capability of a CUDA device; None elsewhere (the interpreter)."""
     if device.type != "cuda":
         return None
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    p = _cuda_props(device)
+    return (p.major, p.minor)
 
 
 def persistent_programs(device: torch.device, work_items: int) -> int:
@@ -180,8 +181,7 @@ def persistent_programs(device: torch.device, work_items: int) -> int:
     Fixed by the device, not by the autotuned tile size, so workspaces can be sized before the
     launch (programs left without a tile write zero partials)."""
     if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        cap = _sm_count(idx) * PROGRAMS_PER_SM
+        cap = _cuda_props(device).multi_processor_count * PROGRAMS_PER_SM
     else:
         cap = INTERPRET_PROGRAMS
     return max(1, min(cap, int(work_items)))

@@ -21,7 +21,8 @@
 # (already installed), MAX_JOBS (build parallelism, default nproc), GPU_CHECK_STAGES (a subset of
 # "build exceptions bench sanitizer tests", plus "profile", for a short rerun; default all but
 # profile), GPU_CHECK_WORKERS (pytest-xdist workers of the tests stage, default 14), GPU_BENCH_ARGS (extra
-# arguments of gpu_bench.py, e.g. --no-compile for a rerun).
+# arguments of gpu_bench.py, e.g. --no-compile for a rerun), GPU_CHECK_TESTS / GPU_CHECK_K (the test
+# files and the -k expression of the tests stage, for a targeted rerun).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -241,7 +242,7 @@ FIRST="tests/test_triton.py tests/test_cuda.py tests/test_train_step.py tests/te
 LAST="tests/test_nn.py"
 TESTS="$(for f in $FIRST; do [ -f "$f" ] && echo "$f"; done) $(ls tests/test_*.py 2>/dev/null \
     | grep -v -e test_triton_writes.py $(for f in $FIRST $LAST; do echo "-e $f"; done)) $([ -f $LAST ] && echo $LAST)"
-TESTS=$(echo $TESTS)
+TESTS=$(echo ${GPU_CHECK_TESTS:-$TESTS})
 if ! want tests; then
     :
 elif [ -n "$TESTS" ]; then
@@ -254,7 +255,8 @@ elif [ -n "$TESTS" ]; then
     stage gpu-tests 420 8 env TRITON_INTERPRET=0 FASTLIN_TRITON_AUTOTUNE=0 FASTLIN_GPU_QUICK=1 \
         FASTLIN_FAIL_LOG="$FLOG" bash -c "\
         $PY -m pytest -v -p no:cacheprovider -W ignore::DeprecationWarning $(xdist "${GPU_CHECK_WORKERS:-14}") \
-        $TESTS -k '((cuda or triton) and not reference-cuda) or (test_compile and reference-cuda)' --tb=short -rfE --durations=25 > $GLOG 2>&1"
+        $TESTS -k '${GPU_CHECK_K:-((cuda or triton) and not reference-cuda) or (test_compile and reference-cuda)}' \
+        --tb=short -rfE --durations=25 > $GLOG 2>&1"
     log "gpu tests: $(grep -c ' PASSED' "$GLOG") passed, $(grep -c ' FAILED' "$GLOG") failed, \
 $(grep -c ' SKIPPED' "$GLOG") skipped, $(grep -c 'node down\|crashed' "$GLOG") worker crashes, \
 last progress $(grep -o '\[ *[0-9]*%\]' "$GLOG" | tail -1); first failures:"

@@ -78,11 +78,11 @@ def _autocast_off(fn, device_type: str):
     in front of it. The C++ ops get the same guard from csrc/ops.cpp."""
     # Not while dynamo traces: the traced graph stays the one of the earlier GPU runs (the guard is
     # for eager calls; under torch.compile with autocast on, the reference's products are autocast).
-    if device_type not in AUTOCAST_DEVICE_TYPES or torch.compiler.is_compiling():  # (meta tensors, for one)
+    if device_type not in AUTOCAST_DEVICE_TYPES:  # (meta tensors, for one)
         return fn
 
     def run(*args):
-        if _any_autocast():
+        if torch.compiler.is_compiling() or _any_autocast():
             with torch.autocast(device_type, enabled=False):
                 return fn(*args)
         return fn(*args)

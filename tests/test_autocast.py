@@ -207,11 +207,14 @@ def test_training_loop_under_autocast_tracks_torch(backend_device, dtype):
     assert abs(loss.item() - loss_ref.item()) <= REL_TOL[dtype] * abs(loss_ref.item())
 
 
-def test_compiled_module_under_autocast(backend_device):
-    # torch.compile(fullgraph=True) traces the casts of fastlin.functional like eager runs them.
+@pytest.mark.parametrize("N,D", [(17, 5), (257, 257)], ids=["17x5", "257x257"])
+def test_compiled_module_under_autocast(backend_device, N, D):
+    # torch.compile(fullgraph=True) traces the casts of fastlin.functional like eager runs them, and
+    # the op inside runs at its inputs' dtypes there too (the reference backend's float32 products
+    # were autocast to bfloat16 under compile only: found at 257 x 257, bf16 results 1 ulp apart).
     backend, device = backend_device
     torch._dynamo.reset()
-    ref, mod = _pair(5, 3, True, device, backend)
+    ref, mod = _pair(D, 3, True, device, backend)
     crit = fastlin.nn.MSELoss(backend=backend)
 
     def f(x, t):
@@ -220,7 +223,7 @@ def test_compiled_module_under_autocast(backend_device):
             return y, crit(y, t)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x, t = torch.randn(17, 5, device=device), torch.randn(17, 3, device=device)
+    x, t = torch.randn(N, D, device=device), torch.randn(N, 3, device=device)
     y_c, loss_c = compiled(x, t)
     y_e, loss_e = f(x, t)
     torch._dynamo.reset()

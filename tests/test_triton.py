@@ -327,18 +327,21 @@ def test_linear_mse_loss_low_precision(device, dtype, shape):
 PACK_SHAPES = [(1, 17), (7, 32), (4097, 20), (65, 256), (130, 200)]  # (PACK needs 16 <= BLOCK_D <= 256)
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["pack", "fma"])
 @pytest.mark.parametrize("shape", PACK_SHAPES, ids=[f"N{n}-D{d}" for n, d in PACK_SHAPES])
-def test_bf16_one_output_packed_dot(device, monkeypatch, shape):
+def test_bf16_one_output_packed_dot(device, monkeypatch, shape, pack):
     """PACK_ONE_OUTPUT: bfloat16 x with one output on the tensor cores, the three bf16 pieces of w
-    (and of the residuals) packed into one tl.dot operand. Products stay exact, so a step meets the
-    float32 tolerance against float64 math on the same bf16 values, with bias or sample weights and
-    momentum; linear_mse_loss (bf16 weights) and linear_backward's grad_weight (the given-gradient
-    form) meet the bf16 tolerance, and fit's shuffled batches (gathered rows) the float32 one."""
+    (and of the residuals) packed into one tl.dot operand (the default on sm_90 and later and under
+    the interpreter), or the FMA path (PACK_ONE_OUTPUT = False, and before sm_90). Products stay
+    exact, so a step meets the float32 tolerance against float64 math on the same bf16 values, with
+    bias or sample weights and momentum; linear_mse_loss (bf16 weights) and linear_backward's
+    grad_weight (the given-gradient form) meet the bf16 tolerance, and fit's shuffled batches
+    (gathered rows) the float32 one."""
     N, D = shape
     cap = K.device_capability(torch.device(device))
-    if cap is not None and cap < (9, 0):
+    if pack and cap is not None and cap < (9, 0):
         pytest.skip(f"PACK runs on sm_90 or later (this GPU: sm_{cap[0]}{cap[1]})")
-    monkeypatch.setattr(K, "PACK_ONE_OUTPUT", True)
+    monkeypatch.setattr(K, "PACK_ONE_OUTPUT", pack)
     bf = torch.bfloat16
 
     def packed():  # the config of the one-pass kernel's last launch
@@ -362,7 +365,7 @@ def test_bf16_one_output_packed_dot(device, monkeypatch, shape):
         old = [None if t is None else t.clone() for t in (w, b, wm, bm)]
         s_ = sw if use_sw else None
         loss = T.train_step(x, y, w, b, wm, bm, s_, *opts.values(), False)
-        assert packed()
+        assert packed() == pack
         lref = R.train_step(d64(x), d64(y), *ref, d64(s_), *opts.values(), False)
         check(loss, lref, f32, "loss")
         for name, t, r, o in zip(("weight", "bias", "weight_momentum"), (w, b, wm), ref, old):
@@ -373,7 +376,7 @@ def test_bf16_one_output_packed_dot(device, monkeypatch, shape):
     ref = [d64(w), d64(b)]
     old = [w.clone(), b.clone()]
     loss = T.train_step(noncontig(x), y, w, b, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, False)
-    assert packed()
+    assert packed() == pack
     lref = R.train_step(d64(x), d64(y), *ref, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, False)
     check(loss, lref, f32, "loss, column-major x")
     check_update(w, old[0], ref[0], f32, "weight update, column-major x")
@@ -395,6 +398,55 @@ def test_bf16_one_output_packed_dot(device, monkeypatch, shape):
     check(hist, href.to(f64), f32, "history")
     for name, t, r, o in zip(("weight", "bias"), (w, b), ref, old):
         check_update(t, o, r, f32, f"fit {name} change", factor=10.0)
+
+
+def test_bf16_one_output_default_path(device, monkeypatch):
+    """Without a setting, bf16 x with one output takes PACK on sm_90 and later (and under the
+    interpreter) and the FMA path before: the pick without autotuning (the GPU tests run so), PACK
+    being the faster on an H200 (bench/RESULTS.md, session 11)."""
+    monkeypatch.setattr(K, "PACK_ONE_OUTPUT", None)
+    monkeypatch.setattr(K, "AUTOTUNE", False)
+    x, y = rand(65, 64, dtype=torch.bfloat16, device=device), rand(65, 1, dtype=torch.bfloat16, device=device)
+    w, b = rand(1, 64, device=device), rand(1, device=device)
+    T.train_step(x, y, w, b, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    cap = K.device_capability(torch.device(device))
+    assert OP._onepass_kernel.best_config.kwargs["PACK"] == (cap is None or cap >= (9, 0))
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["pack", "fma"])
+def test_bf16_one_output_long_sums(device, monkeypatch, pack):
+    """One step over 4M bf16 rows (D = 256, O = 1), the update against float64 math on the same
+    values: each program sums ~16K rows, so a per-addition bias shows. The tile's partial sums join
+    in float32 with rounding to nearest, whose errors grow like sqrt(tiles per program) * 2^-24
+    (about 16 * 6e-8 = 1e-6; the FMA path measured 5.7e-8 on an H200): 2e-6 of the update's norm.
+    PACK's tensor-core accumulation (rounding toward zero) chained over all its tiles made 1.7e-5.
+    GPU only (4M rows through the interpreter would take minutes)."""
+    if torch.device(device).type != "cuda":
+        pytest.skip("4M rows: GPU only")
+    cap = K.device_capability(torch.device(device))
+    if pack and cap < (9, 0):
+        pytest.skip(f"PACK runs on sm_90 or later (this GPU: sm_{cap[0]}{cap[1]})")
+    monkeypatch.setattr(K, "PACK_ONE_OUTPUT", pack)
+    N, D = 4 << 20, 256
+    g = torch.Generator(device=device).manual_seed(5)
+    x = torch.randn(N, D, generator=g, device=device).to(torch.bfloat16)
+    y = torch.randn(N, 1, generator=g, device=device).to(torch.bfloat16)
+    w0 = torch.randn(1, D, generator=g, device=device) / D**0.5
+    b0 = torch.randn(1, generator=g, device=device)
+    w, b = w0.clone(), b0.clone()
+    T.train_step(x, y, w, b, None, None, None, 1.0, 0.0, 0.0, 0.0, False, False, False)
+    assert OP._onepass_kernel.best_config.kwargs["PACK"] == pack
+    gw = torch.zeros(1, D, dtype=f64, device=device)
+    gb = torch.zeros(1, dtype=f64, device=device)
+    for i in range(0, N, 1 << 20):
+        xc = x[i : i + (1 << 20)].to(f64)
+        r = xc @ w0.to(f64).T + b0.to(f64) - y[i : i + (1 << 20)].to(f64)
+        gw += r.T @ xc
+        gb += r.sum(0)
+    for name, new, old, grad in (("weight", w, w0, gw), ("bias", b, b0, gb)):
+        ref = -2.0 / N * grad  # lr = 1, mean over N rows
+        err = torch.linalg.vector_norm((new.to(f64) - old.to(f64)) - ref) / torch.linalg.vector_norm(ref)
+        assert err <= 2e-6, f"{name} update: relative error {err:.2e} > 2e-6 ({'PACK' if pack else 'FMA'})"
 
 
 @pytest.mark.parametrize("D", [64, 257], ids=["one-chunk", "chunked"])

@@ -213,21 +213,6 @@ def main() -> int:
                 arch,
                 True,
             )
-    # the packed one-output tensor-core path alone (the train_step above had it among the autotuner's
-    # candidates; this names it)
-    pack_was, K.PACK_ONE_OUTPUT = K.PACK_ONE_OUTPUT, True
-    try:
-        xb, yb = torch.randn(N, D).bfloat16(), torch.randn(N, 1).bfloat16()
-        w, b = torch.randn(1, D), torch.randn(1)
-        problems += compile_all(
-            "train_step O=1 bfloat16 packed",
-            lambda: T.train_step(xb, yb, w, b, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, False),
-            target,
-            arch,
-            True,
-        )
-    finally:
-        K.PACK_ONE_OUTPUT = pack_was
     x, y, w, b = torch.randn(N, D), torch.randn(N, 1), torch.randn(1, D), torch.randn(1)
     problems += compile_all(
         "fit O=1 fp32 shuffled",

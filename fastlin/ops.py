@@ -76,8 +76,9 @@ def _autocast_off(fn, device_type: str):
     (and the torch ops inside the Triton launchers) would otherwise be cast to the autocast dtype.
     A fastlin op computes at its inputs' dtypes; fastlin.functional applies torch's autocast rules
     in front of it. The C++ ops get the same guard from csrc/ops.cpp."""
-    # Not while dynamo traces: the traced graph stays the one of the earlier GPU runs (the guard is
-    # for eager calls; under torch.compile with autocast on, the reference's products are autocast).
+    # While dynamo traces too, whatever the autocast state then (the guard goes into the graph):
+    # _any_autocast is left to eager calls, and without the guard a compiled call's float32 products
+    # were autocast (compiled and eager results differed; H200 and CPU, session 11).
     if device_type not in AUTOCAST_DEVICE_TYPES:  # (meta tensors, for one)
         return fn
 

@@ -180,4 +180,4 @@ def test_triton_sass_counts_the_tile_loop():
         out[pack] = [float(v) for v in re.findall(r"([0-9.]+) warp instructions per byte", r.stdout)]
         assert out[pack], r.stdout
         assert all("PACK=1" in ln for ln in r.stdout.splitlines()[1:]) == (pack == "on"), r.stdout
-    assert max(out["on"][:1]) * 2 < min(out["off"]), out
+    assert out["on"][0] * 2 < min(out["off"]), out

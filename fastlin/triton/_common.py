@@ -81,8 +81,8 @@ MAX_BLOCK_O = 64  # outputs per program on the tl.dot path; more outputs split o
 # One output and a bfloat16 x on the tensor cores (_onepass PACK: the three bf16 pieces of w packed
 # into one tl.dot operand; two bf16 dots a tile instead of ~2 FMAs and a 32-lane shuffle reduction
 # per row on the CUDA cores): None lets the autotuner choose between it and the FMA path, PACK
-# being the pick without autotuning (N = 4M, D = 256 on an H200: 0.528 ms, 97% of the bf16 read,
-# against the FMA path's 0.618 ms), True forces it, False rules it out.
+# being the pick without autotuning (N = 4M, D = 256 on an H200: 0.616 ms, 82% of the bf16 read,
+# against the FMA path's 0.662 ms in the same run), True forces it, False rules it out.
 # FASTLIN_TRITON_PACK_ONE_OUTPUT=1 / 0.
 _pack_env = os.environ.get("FASTLIN_TRITON_PACK_ONE_OUTPUT", "").strip()
 PACK_ONE_OUTPUT: bool | None = None if _pack_env == "" else _pack_env == "1"

@@ -61,10 +61,10 @@ from fastlin.triton._common import cast_out, fma_mm, fma_mm_nt, is_finite, scala
 
 
 # PACK tiles (rows, warps, stages), best first. Warp instructions of the sm_90a tile loop per byte of
-# x (bf16, D = 256; python bench/triton_sass.py): 64 x 4 0.040, 32 x 4 0.059, 64 x 8 0.083, against
+# x (bf16, D = 256; python bench/triton_sass.py): 64 x 4 0.044, 32 x 4 0.068, 64 x 8 0.088, against
 # the FMA path's 0.116-0.148 (0.135 / 0.147 for 32 x 8 / 16 x 8 with 6 stages). Both dots read x
 # from shared memory (wgmma), so registers hold little beyond the accumulators: 64 x 4 x 3 stages
-# takes 106 registers and 108.5 KB of shared memory (two programs fit an SM's 227 KB).
+# takes 128 registers and 108.5 KB of shared memory (two programs fit an SM's 227 KB).
 PACK_TILES = ((64, 4, 3), (32, 4, 6), (64, 8, 3))
 PACK_COLS = tl.constexpr(16)  # columns of the packed operand (tl.dot's minimum): 3 used
 
@@ -176,8 +176,7 @@ def _prune_onepass(configs, named_args, **kwargs):
             if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) in ((16, 4, 3), (16, 4, 1))
             and c not in out
         ]
-    # PACK first where allowed: the pick without autotuning (bf16, O = 1, D = 256 on an H200: 0.528 ms
-    # against the FMA path's 0.618, 97% / 83% of the read; bench/RESULTS.md, session 11)
+    # PACK first where allowed: the pick without autotuning (measured faster: K.PACK_ONE_OUTPUT)
     out = packed + out
     if K.INTERPRET or not K.AUTOTUNE:
         return out[:1]

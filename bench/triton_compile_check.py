@@ -190,7 +190,8 @@ def main() -> int:
     problems = []
     N, D = 4096, 256  # N only sets how many programs; the tiles are those of N = 4M
     for O in (1, 16):
-        for dt in (torch.float32, torch.bfloat16):
+        # (fp16 at O = 16: the two-piece split on the bf16 dots; at O = 1 the FMA path, as fp32's)
+        for dt in (torch.float32, torch.bfloat16) + ((torch.float16,) if O > 1 else ()):
             x, y = torch.randn(N, D).to(dt), torch.randn(N, O).to(dt)
             w, b = torch.randn(O, D), torch.randn(O)
             tag = f"O={O} {str(dt).split('.')[1]}"

@@ -22,7 +22,8 @@ import re
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from conftest import REL_TOL, backend_params, rel_error  # noqa: E402
 
@@ -449,16 +450,41 @@ def test_bf16_one_output_long_sums(device, monkeypatch, pack):
         assert err <= 2e-6, f"{name} update: relative error {err:.2e} > 2e-6 ({'PACK' if pack else 'FMA'})"
 
 
+@triton.jit
+def _fp16_pieces_kernel(x_ptr, hi_ptr, lo_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    hi, lo = OP._fp16_as_bf16_pieces(tl.load(x_ptr + offs, mask=m, other=0))
+    tl.store(hi_ptr + offs, hi, mask=m)
+    tl.store(lo_ptr + offs, lo, mask=m)
+
+
+def test_fp16_as_two_bf16_pieces(device):
+    """Every float16 value (all 65536 bit patterns) against the split the dot path uses for a float16
+    x: two bfloat16 values summing to it exactly; inf gives (inf, 0), NaN a NaN sum."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).to(device)
+    hi, lo = (torch.empty(x.shape, dtype=torch.bfloat16, device=device) for _ in range(2))
+    _fp16_pieces_kernel[(triton.cdiv(x.numel(), 4096),)](x, hi, lo, x.numel(), BLOCK=4096)
+    fin, inf, nan = torch.isfinite(x), torch.isinf(x), torch.isnan(x)
+    assert fin.sum() == 2**16 - 2048 and inf.sum() == 2 and nan.sum() == 2046
+    assert torch.equal(hi[fin].double() + lo[fin].double(), x[fin].double())
+    assert torch.equal(hi[inf].float(), x[inf].float()) and (lo[inf] == 0).all()
+    # (the pieces' sum: the interpreter truncates fp32 -> bf16, which turns some NaNs into inf)
+    assert torch.isnan(hi[nan].float() + lo[nan].float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 257], ids=["one-chunk", "chunked"])
-def test_bf16_x_on_the_dot_path_is_float32_exact(device, D):
-    """bfloat16 x and targets, float32 parameters, O > 4 (tl.dot): the kernel multiplies x by three
-    bf16 pieces of W (and the residuals by x in three pieces), so every product is exact and the
-    step must meet the float32 tolerance against float64 math on the same bf16 values (one piece
-    alone would be ~1e-3 off)."""
+def test_low_precision_x_on_the_dot_path_is_float32_exact(device, D, dtype):
+    """bfloat16 (or float16) x and targets, float32 parameters, O > 4 (tl.dot): the kernel multiplies
+    x by three bf16 pieces of W (and the residuals by x in three pieces; a float16 x goes in as two
+    bf16 pieces), so every product is exact and the step must meet the float32 tolerance against
+    float64 math on the same x values (one piece of W alone, or a float16 x rounded to bf16, would be
+    ~1e-3 off)."""
     N, O = 37, 17
-    pl = OP.plan(N, D, O, torch.bfloat16, torch.device(device))
+    pl = OP.plan(N, D, O, dtype, torch.device(device))
     assert pl.USE_DOT and pl.SPLIT and pl.ONE_CHUNK == (D == 64)
-    x, t = rand(N, D, dtype=torch.bfloat16, device=device), rand(N, O, dtype=torch.bfloat16, device=device)
+    x, t = rand(N, D, dtype=dtype, device=device), rand(N, O, dtype=dtype, device=device)
     w, b = rand(O, D, device=device) / 8, rand(O, device=device)
     wt, bt, wr, br = w.clone(), b.clone(), d64(w), d64(b)
     loss = T.train_step(x, t, wt, bt, None, None, None, 0.01, 0.0, 0.0, 0.0, False, False, False)

@@ -6,7 +6,8 @@ is first imported). Select it with backend="triton" (or FASTLIN_BACKEND=triton).
 Numerics: fp32 accumulation for fp32/bf16/fp16 inputs, fp64 for fp64. tl.dot (used for O > 4
 outputs, and for one output with a bfloat16 x on sm_90 and later: PACK_ONE_OUTPUT)
 multiplies a bfloat16 x by three bf16 pieces of each float32 operand (exact products, float32
-sums, bf16 tensor cores) and runs float32 operands at ``input_precision()``: by default what
+sums, bf16 tensor cores; a float16 x, at "ieee" precision, goes in as two bf16 pieces, exact too)
+and runs float32 operands at ``input_precision()``: by default what
 torch.get_float32_matmul_precision() asks of torch's own matmuls ("highest", torch's default: "ieee",
 true fp32; "high"/"medium": "tf32"), or "ieee", "tf32", "tf32x3" set by :func:`set_input_precision`
 or FASTLIN_TRITON_INPUT_PRECISION.

@@ -18,9 +18,12 @@ Two code paths by O:
     fastlin.triton settings ("ieee" by default). A bfloat16 x (SPLIT) stays bfloat16: each float32
     operand it meets (W, the residuals) goes in as three bf16 pieces that sum to it exactly, so every
     product is exact and the sums are float32, on the bf16 tensor cores whatever the precision setting.
-    (dW accumulates across all of a program's tiles in the tensor core's float32 accumulator, which
-    rounds toward zero: bf16 O = 16 measured 3.4e-5 of the update against float64 at N = 4M, fp32
-    2.5e-7. PACK below sums each tile's product outside it; not done here yet.)
+    A float16 x takes the same path at "ieee" precision (X_LO), as two bf16 pieces that sum to it
+    exactly, at twice the dots (on the FMA-lowered "ieee" dot it ran at 5% of its read limit on an
+    H200); "tf32" / "tf32x3" keep their float32 dots. Each tile's dW product starts from zero and is
+    added to a float32 sum outside the tensor core, whose accumulation rounds toward zero (chained
+    over a program's tiles, bf16 O = 16 measured 3.4e-5 of the update against float64 at N = 4M, fp32
+    2.5e-7; PACK's measured fix, below).
   * O = 1 with a bfloat16 x (PACK; on sm_90 and later the pick without autotuning, the autotuner
     also times the FMA path): the 2-D path with both products on the tensor cores. The three bf16
     pieces of w (and of the residuals) are the first columns of one 16-wide bf16 operand, so a tile
@@ -176,6 +179,12 @@ def _prune_onepass(configs, named_args, **kwargs):
             if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) in ((16, 4, 3), (16, 4, 1))
             and c not in out
         ]
+    if kwargs["X_LO"]:
+        # float16 x on the tl.dot path (two bf16 pieces, twice the dots): ptxas (sm_90a, D = 256,
+        # O = 16) fits the 16-row, 4-warp, 3-stage tile in 255 registers without spills; the tiles
+        # above spill 8-724 bytes. (The interpreter has no such tile: its one config stays.)
+        fit = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) == (16, 4, 3)]
+        out = fit or out
     # PACK first where allowed: the pick without autotuning (measured faster: K.PACK_ONE_OUTPUT)
     out = packed + out
     if K.INTERPRET or not K.AUTOTUNE:
@@ -260,6 +269,17 @@ def _bf16_pieces(v):
 
 
 @triton.jit
+def _fp16_as_bf16_pieces(x):
+    """Two bfloat16 tiles whose sum is the float16 tile x exactly: the first is x rounded to bf16 (8 of
+    fp16's 11 significand bits), the rest has 3 bits at most, and bf16's exponent range holds both
+    (fp16 subnormals included). An infinite x is (inf, 0), as its products must stay inf, not NaN."""
+    xf = x.to(tl.float32)
+    hi = xf.to(tl.bfloat16)
+    hf = hi.to(tl.float32)
+    return hi, tl.where(xf == hf, 0.0, xf - hf).to(tl.bfloat16)
+
+
+@triton.jit
 def _pieces_as_rows(v, ROWS: tl.constexpr):
     """(ROWS, len(v)) bfloat16: rows 0, 1, 2 the three bf16 pieces of the float32 vector v (their sum
     is v exactly), the other rows zero."""
@@ -289,6 +309,24 @@ def _dot_split_b(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _dot_split_b2(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for a float16 x's second piece a (at most 2^-9 of x) and a float32 b in its two
+    larger pieces: the third (at most 2^-18 of b) would add below 2^-27 of the product x b, under
+    float32's own rounding of it."""
+    b1, b2, b3 = _bf16_pieces(b)
+    acc = _dot_bf16(a, b2, acc, INTERPRET)
+    return _dot_bf16(a, b1, acc, INTERPRET)
+
+
+@triton.jit
+def _dot_split_a2(a, b, acc, INTERPRET: tl.constexpr):
+    """_dot_split_b2 with the roles swapped: a float32 (in its two larger pieces), b the 3-bit piece."""
+    a1, a2, a3 = _bf16_pieces(a)
+    acc = _dot_bf16(a2, b, acc, INTERPRET)
+    return _dot_bf16(a1, b, acc, INTERPRET)
+
+
+@triton.jit
 def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
     """acc + a @ b for a float32 and b bfloat16 (a in three bf16 pieces, smallest first)."""
     a1, a2, a3 = _bf16_pieces(a)
@@ -306,6 +344,7 @@ def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
         "BLOCK_O",
         "USE_DOT",
         "SPLIT",
+        "X_LO",
         "ONE_CHUNK",
         "GATHER",
         "GIVEN_G",
@@ -363,6 +402,7 @@ def _onepass_kernel(
     NEED_GT: tl.constexpr,
     USE_DOT: tl.constexpr,
     SPLIT: tl.constexpr,
+    X_LO: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
     IDX64: tl.constexpr,
     ACC: tl.constexpr,
@@ -555,11 +595,16 @@ def _onepass_kernel(
                     )
                     if not SPLIT:
                         x = x.to(ACC)
+                    elif X_LO:  # a float16 x as two bf16 pieces (x the first, x_lo the rest)
+                        x, x_lo = _fp16_as_bf16_pieces(x)
                 if GIVEN_G:
                     g = v
                 else:
                     if SPLIT:  # (W's pieces are loop-invariant: the compiler hoists them)
-                        pred = _dot_split_b(x, tl.trans(w), tl.zeros((BLOCK_N, BLOCK_O), ACC), INTERPRET)
+                        pred = tl.zeros((BLOCK_N, BLOCK_O), ACC)
+                        if X_LO:
+                            pred = _dot_split_b2(x_lo, tl.trans(w), pred, INTERPRET)
+                        pred = _dot_split_b(x, tl.trans(w), pred, INTERPRET)
                     elif USE_DOT:
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                     else:
@@ -591,8 +636,12 @@ def _onepass_kernel(
                             mask=mask_n[:, None] & mask_d[None, :],
                         )
                 if NEED_GW:
-                    if SPLIT:
-                        acc_w = _dot_split_a(tl.trans(g), x, acc_w, INTERPRET)
+                    if SPLIT:  # the tile's product from zero, joined to acc_w in float32 (as PACK's)
+                        ngt = tl.trans(-g)
+                        c = tl.zeros((BLOCK_O, BLOCK_D), ACC)
+                        if X_LO:
+                            c = _dot_split_a2(ngt, x_lo, c, INTERPRET)
+                        acc_w -= _dot_split_a(ngt, x, c, INTERPRET)
                     elif USE_DOT:
                         acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                     else:
@@ -643,12 +692,16 @@ def _onepass_kernel(
                         )
                         if not SPLIT:
                             x = x.to(ACC)
+                        elif X_LO:
+                            x, x_lo = _fp16_as_bf16_pieces(x)
                         w = tl.load(
                             w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
                             mask=mask_o[:, None] & mask_d[None, :],
                             other=0,
                         ).to(ACC)
                         if SPLIT:
+                            if X_LO:
+                                pred = _dot_split_b2(x_lo, tl.trans(w), pred, INTERPRET)
                             pred = _dot_split_b(x, tl.trans(w), pred, INTERPRET)
                         elif USE_DOT:
                             pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
@@ -686,8 +739,13 @@ def _onepass_kernel(
                             )
                             if not SPLIT:
                                 x = x.to(ACC)
+                            elif X_LO:
+                                x, x_lo = _fp16_as_bf16_pieces(x)
                             if SPLIT:
-                                c = _dot_split_a(tl.trans(g), x, tl.zeros((BLOCK_O, BLOCK_D), ACC), INTERPRET)
+                                c = tl.zeros((BLOCK_O, BLOCK_D), ACC)
+                                if X_LO:
+                                    c = _dot_split_a2(tl.trans(g), x_lo, c, INTERPRET)
+                                c = _dot_split_a(tl.trans(g), x, c, INTERPRET)
                             elif USE_DOT:
                                 c = tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                             else:
@@ -992,7 +1050,9 @@ class Plan:
     BLOCK_O: int
     BLOCK_D: int
     USE_DOT: bool
-    SPLIT: bool  # bf16 x on the tl.dot path: float32 operands as three bf16 pieces (exact products)
+    # bf16 x on the tl.dot path, and fp16 x at "ieee" precision (as two bf16 pieces): float32
+    # operands as three bf16 pieces (exact products)
+    SPLIT: bool
     ONE_CHUNK: bool
     acc: torch.dtype
 
@@ -1023,7 +1083,8 @@ def plan(n_rows: int, D: int, O: int, dtype: torch.dtype, device: torch.device) 
         BLOCK_O=bo,
         BLOCK_D=bd,
         USE_DOT=use_dot,
-        SPLIT=use_dot and dtype == torch.bfloat16,
+        SPLIT=use_dot
+        and (dtype == torch.bfloat16 or (dtype == torch.float16 and K.input_precision() == "ieee")),
         ONE_CHUNK=D <= bd,
         acc=acc,
     )
@@ -1125,6 +1186,7 @@ def run_onepass(
         NEED_GT=gt is not None,
         USE_DOT=pl.USE_DOT,
         SPLIT=pl.SPLIT,
+        X_LO=pl.SPLIT and x.dtype == torch.float16,
         ONE_CHUNK=pl.ONE_CHUNK,
         IDX64=_needs_int64(x, y, idx, sw, gx, gt),
         ACC=K.tl_acc(pl.acc),

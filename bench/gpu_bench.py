@@ -213,8 +213,8 @@ def step_contenders(N, D, O, dtype, backends):
                 out[f"triton:{v}"] = InSetting(functools.partial(_setting, v), fused)
         if be == "triton" and O == 1 and dtype == torch.bfloat16:
             # the two paths the autotuner chooses between (fastlin.triton._common.PACK_ONE_OUTPUT):
-            # one output on the tensor cores, and the FMA path
-            for v in ("pack", "fma"):
+            # one output on the tensor cores, and the FMA path; and PACK with PACK_DEFER (untimed yet)
+            for v in ("pack", "fma", "packdefer"):
                 out[f"triton:{v}"] = InSetting(functools.partial(_setting, v), fused)
         if be == "triton" and O > 4:
             # the tl.dot path: the default "ieee" fp32 and the tensor-core precisions, side by side
@@ -225,13 +225,15 @@ def step_contenders(N, D, O, dtype, backends):
 
 def _setting(variant: str):
     """The context a contender variant runs in: "pps<k>" programs per SM, "pack" / "fma" the one-
-    output path forced, else a tl.dot input precision."""
+    output path forced, "packdefer" PACK with PACK_DEFER, else a tl.dot input precision."""
     from fastlin.triton import _common
 
     if variant.startswith("pps"):
         return mock.patch.object(_common, "PROGRAMS_PER_SM", int(variant[3:]))
     if variant in ("pack", "fma"):
         return mock.patch.object(_common, "PACK_ONE_OUTPUT", variant == "pack")
+    if variant == "packdefer":
+        return mock.patch.multiple(_common, PACK_ONE_OUTPUT=True, PACK_DEFER=True)
     return _precision(variant)
 
 

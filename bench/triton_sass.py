@@ -80,18 +80,23 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--pack", default="auto", choices=("auto", "on", "off"), help="PACK_ONE_OUTPUT")
     ap.add_argument("--arch", default="90", help="compute capability, e.g. 90 (H100 / H200)")
+    ap.add_argument("--defer", action="store_true", help="PACK_DEFER (PACK's deferred dW subtraction)")
     a = ap.parse_args(argv)
     cap = int(a.arch)
     target, arch = GPUTarget("cuda", cap, 32), f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
     TCC._patch()
     K.device_capability = lambda device: divmod(cap, 10)
     K.PACK_ONE_OUTPUT = {"auto": None, "on": True, "off": False}[a.pack]
+    K.PACK_DEFER = a.defer
     dt, N, D, O = DTYPES[a.dtype], 4096, a.d, a.outs
     x, y = torch.randn(N, D).to(dt), torch.randn(N, O).to(dt)
     TCC.RECORDED.clear()
     w, b = torch.randn(O, D), torch.zeros(O)
     FT.train_step(x, y, w, b, None, None, None, 0.1, 0.0, 0.0, 0.0, False, False, True)
-    print(f"train_step {a.dtype} N x {D} O = {O}, {arch}, PACK_ONE_OUTPUT={a.pack}: the tile loop per config")
+    print(
+        f"train_step {a.dtype} N x {D} O = {O}, {arch}, PACK_ONE_OUTPUT={a.pack}"
+        f"{', PACK_DEFER' if a.defer else ''}: the tile loop per config"
+    )
     n = 0
     for kernel, args, kwargs in TCC.RECORDED:
         if not isinstance(kernel, Autotuner) or kernel.fn.__name__ != "_onepass_kernel":

@@ -401,6 +401,38 @@ def test_bf16_one_output_packed_dot(device, monkeypatch, shape, pack):
         check_update(t, o, r, f32, f"fit {name} change", factor=10.0)
 
 
+@pytest.mark.parametrize("shape", PACK_SHAPES, ids=[f"N{n}-D{d}" for n, d in PACK_SHAPES])
+def test_bf16_one_output_pack_defer_is_bit_identical(device, monkeypatch, shape):
+    """PACK_DEFER (an experiment for the GPU bench: each tile's dW product is subtracted at the next
+    tile, the last one after the loop) sums the same products in the same order, so every result
+    equals PACK's bit for bit: a step with sample weights, linear_mse_loss, and fit's shuffled
+    batches. (A tile's product dropped or counted twice breaks equality.)"""
+    N, D = shape
+    cap = K.device_capability(torch.device(device))
+    if cap is not None and cap < (9, 0):
+        pytest.skip(f"PACK runs on sm_90 or later (this GPU: sm_{cap[0]}{cap[1]})")
+    monkeypatch.setattr(K, "PACK_ONE_OUTPUT", True)
+    bf = torch.bfloat16
+    x, y = rand(N, D, dtype=bf, device=device), rand(N, 1, dtype=bf, device=device)
+    sw = torch.rand(N, device=device) + 0.5
+    w0, b0 = rand(1, D, device=device), rand(1, device=device)
+    w16, b16 = w0.to(bf), b0.to(bf)
+    fit_args = (2, max(16, N // 3), True, 1234, 0.05, 0.9, 0.0, 0.01, True, False, True)
+    results = []
+    for defer in (False, True):
+        monkeypatch.setattr(K, "PACK_DEFER", defer)
+        w, b = w0.clone(), b0.clone()
+        loss = T.train_step(x, y, w, b, None, None, sw, 0.1, 0.0, 0.0, 0.0, False, False, False)
+        assert OP._onepass_kernel.best_config.kwargs["PACK"]
+        out = T.linear_mse_loss(x, w16, b16, y, "mean", [True] * 4)
+        wf, bf_, wm, bm = w0.clone(), b0.clone(), torch.zeros_like(w0), torch.zeros_like(b0)
+        hist = T.fit(x, y, wf, bf_, wm, bm, None, *fit_args)
+        results.append((loss, w, b, *out, hist, wf, bf_))
+    names = ("loss", "weight", "bias", "lml loss", "grad_input", "grad_weight", "grad_bias", "grad_target")
+    for name, p, q in zip((*names, "fit history", "fit weight", "fit bias"), *results):
+        assert torch.equal(p, q), f"{name}: PACK_DEFER differs from PACK"
+
+
 def test_bf16_one_output_default_path(device, monkeypatch):
     """Without a setting, bf16 x with one output takes PACK on sm_90 and later (and under the
     interpreter) and the FMA path before: the pick without autotuning (the GPU tests run so), PACK
@@ -414,14 +446,24 @@ def test_bf16_one_output_default_path(device, monkeypatch):
     assert OP._onepass_kernel.best_config.kwargs["PACK"] == (cap is None or cap >= (9, 0))
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["pack", "fma"])
-def test_bf16_one_output_long_sums(device, monkeypatch, pack):
-    """One step over 4M bf16 rows (D = 256, O = 1), the update against float64 math on the same
-    values: each program sums ~16K rows, so a per-addition bias shows. The tile's partial sums join
-    in float32 with rounding to nearest, whose errors grow like sqrt(tiles per program) * 2^-24
-    (about 16 * 6e-8 = 1e-6; the FMA path measured 5.7e-8 on an H200): 2e-6 of the update's norm.
-    PACK's tensor-core accumulation (rounding toward zero) chained over all its tiles made 1.7e-5.
-    GPU only (4M rows through the interpreter would take minutes)."""
+LONG_SUMS = [  # (x dtype, outputs, PACK_ONE_OUTPUT, bound)
+    pytest.param(torch.bfloat16, 1, True, 2e-6, id="bf16-O1-pack"),
+    pytest.param(torch.bfloat16, 1, False, 2e-6, id="bf16-O1-fma"),
+    pytest.param(torch.bfloat16, 16, None, 4e-6, id="bf16-O16"),
+    pytest.param(torch.float16, 16, None, 4e-6, id="fp16-O16"),
+]
+
+
+@pytest.mark.parametrize("dtype, O, pack, bound", LONG_SUMS)
+def test_low_precision_x_long_sums(device, monkeypatch, dtype, O, pack, bound):
+    """One step over 4M rows of a bf16 / fp16 x (D = 256), the update against float64 math on the same
+    values: each program sums ~16K rows, so a per-addition bias shows. The tiles' partial sums join
+    in float32 with rounding to nearest, whose errors grow like sqrt(tiles per program) * 2^-24:
+    about 16 * 6e-8 = 1e-6 for the 64-row tiles of O = 1 (the FMA path measured 5.7e-8 on an H200),
+    32 * 6e-8 = 2e-6 for the 16-row tiles of the tl.dot path (fp32 O = 16 measured 2.5e-7); the
+    bounds are twice those. A tensor core's accumulation (rounding toward zero) chained over all of
+    a program's tiles made 1.7e-5 (PACK) and 3.4e-5 (bf16 O = 16). GPU only (4M rows through the
+    interpreter would take minutes)."""
     if torch.device(device).type != "cuda":
         pytest.skip("4M rows: GPU only")
     cap = K.device_capability(torch.device(device))
@@ -430,24 +472,25 @@ def test_bf16_one_output_long_sums(device, monkeypatch, pack):
     monkeypatch.setattr(K, "PACK_ONE_OUTPUT", pack)
     N, D = 4 << 20, 256
     g = torch.Generator(device=device).manual_seed(5)
-    x = torch.randn(N, D, generator=g, device=device).to(torch.bfloat16)
-    y = torch.randn(N, 1, generator=g, device=device).to(torch.bfloat16)
-    w0 = torch.randn(1, D, generator=g, device=device) / D**0.5
-    b0 = torch.randn(1, generator=g, device=device)
+    x = torch.randn(N, D, generator=g, device=device).to(dtype)
+    y = torch.randn(N, O, generator=g, device=device).to(dtype)
+    w0 = torch.randn(O, D, generator=g, device=device) / D**0.5
+    b0 = torch.randn(O, generator=g, device=device)
     w, b = w0.clone(), b0.clone()
     T.train_step(x, y, w, b, None, None, None, 1.0, 0.0, 0.0, 0.0, False, False, False)
-    assert OP._onepass_kernel.best_config.kwargs["PACK"] == pack
-    gw = torch.zeros(1, D, dtype=f64, device=device)
-    gb = torch.zeros(1, dtype=f64, device=device)
+    if pack is not None:
+        assert OP._onepass_kernel.best_config.kwargs["PACK"] == pack
+    gw = torch.zeros(O, D, dtype=f64, device=device)
+    gb = torch.zeros(O, dtype=f64, device=device)
     for i in range(0, N, 1 << 20):
         xc = x[i : i + (1 << 20)].to(f64)
         r = xc @ w0.to(f64).T + b0.to(f64) - y[i : i + (1 << 20)].to(f64)
         gw += r.T @ xc
         gb += r.sum(0)
     for name, new, old, grad in (("weight", w, w0, gw), ("bias", b, b0, gb)):
-        ref = -2.0 / N * grad  # lr = 1, mean over N rows
+        ref = -2.0 / (N * O) * grad  # lr = 1, mean over N * O elements
         err = torch.linalg.vector_norm((new.to(f64) - old.to(f64)) - ref) / torch.linalg.vector_norm(ref)
-        assert err <= 2e-6, f"{name} update: relative error {err:.2e} > 2e-6 ({'PACK' if pack else 'FMA'})"
+        assert err <= bound, f"{name} update: relative error {err:.2e} > {bound:.0e}"
 
 
 @triton.jit

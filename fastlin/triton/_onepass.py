@@ -352,6 +352,7 @@ def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
         "NEED_GT",
         "PRECISION",
         "PACK_MODE",
+        "PACK_DEFER",
     ],
     prune_configs_by={"early_config_prune": _prune_onepass},
     # the interpreter: two configs (one per path) and a prune that keeps one; Triton's autotuner
@@ -415,6 +416,7 @@ def _onepass_kernel(
     AHEAD: tl.constexpr,
     PACK: tl.constexpr,
     PACK_MODE: tl.constexpr,  # (an autotune key only: which paths the prune offers)
+    PACK_DEFER: tl.constexpr,  # PACK: each tile's dW product subtracted in the next tile (see below)
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -440,6 +442,8 @@ def _onepass_kernel(
                 b1 = tl.load(b_ptr).to(ACC)
         if PACK:  # dW^T in its pieces' columns: x^T @ G3 keeps D as the dot's long side (wgmma's M)
             acc_w = tl.zeros((BLOCK_D, PACK_COLS), ACC)
+            if PACK_DEFER and not GIVEN_G:
+                prev = tl.zeros((BLOCK_D, PACK_COLS), ACC)  # the previous tile's dW product
         else:
             acc_w = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         acc_b = tl.zeros((BLOCK_N,), ACC)
@@ -484,6 +488,11 @@ def _onepass_kernel(
             else:
                 if PACK:  # x @ W3^T: the pieces' products in columns 0..2, summed
                     pred3 = _dot_bf16(x, tl.trans(w3), tl.zeros((BLOCK_N, PACK_COLS), ACC), INTERPRET)
+                    if PACK_DEFER and NEED_GW:
+                        # the previous tile's product joins the sum here, while this tile's dot runs
+                        # (after the dW dot the subtraction sat between its wait and the next
+                        # tile's cp.async issues in the sm_90a SASS); the same sums in the same order
+                        acc_w -= prev
                     r = tl.sum(pred3, axis=1) - v
                 else:
                     r = tl.sum(x * w1[None, :], axis=1) - v
@@ -515,12 +524,17 @@ def _onepass_kernel(
                     # core's accumulation rounds toward zero, a bias that grew with the k-steps into
                     # one accumulator (N = 4M on an H200: 1.7e-5 relative on the update, FMA 5.7e-8).
                     g3 = tl.trans(_pieces_as_rows(-g, PACK_COLS))
-                    acc_w -= _dot_bf16(tl.trans(x), g3, tl.zeros_like(acc_w), INTERPRET)
+                    if PACK_DEFER and not GIVEN_G:
+                        prev = _dot_bf16(tl.trans(x), g3, tl.zeros_like(acc_w), INTERPRET)
+                    else:
+                        acc_w -= _dot_bf16(tl.trans(x), g3, tl.zeros_like(acc_w), INTERPRET)
                 else:
                     acc_w += g[:, None] * x
             if NEED_GB:
                 acc_b += g
         if NEED_GW:
+            if PACK and PACK_DEFER and not GIVEN_G:
+                acc_w -= prev  # the last tile's
             tl.store(ws_w_ptr + ws_row + offs_d, tl.sum(acc_w, axis=1 if PACK else 0), mask=mask_d)
         if NEED_GB:
             tl.store(ws_b_ptr + pid, tl.sum(acc_b, axis=0))
@@ -1195,6 +1209,7 @@ def run_onepass(
         # y / sample weights narrower than cp.async's 4 bytes: loaded a tile ahead in registers
         AHEAD=min(y.element_size(), sw.element_size() if sw is not None else 4) < 4,
         PACK_MODE={None: PACK_AUTO, True: PACK_ON, False: PACK_OFF}[K.PACK_ONE_OUTPUT],
+        PACK_DEFER=K.PACK_DEFER,
         BLOCK_D=pl.BLOCK_D,
         BLOCK_O=pl.BLOCK_O,
     )

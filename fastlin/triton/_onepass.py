@@ -97,22 +97,16 @@ def _onepass_configs():
 # K.PACK_ONE_OUTPUT -> PACK_MODE: the autotuner picks between the paths / PACK only / never PACK
 PACK_AUTO, PACK_ON, PACK_OFF = 0, 1, 2
 
-# the estimate of a config's shared memory (see _prune_onepass) stays under this; measured sizes of
+# the estimate of a config's shared memory (see _unpacked_configs) stays under this; measured sizes of
 # the kept configs are checked by bench/triton_compile_check.py
 SMEM_PER_PROGRAM = 100 * 1024
 
 
 def _prune_onepass(configs, named_args, **kwargs):
-    """Keep the tiles whose register footprint fits (about 32 fp32 registers per thread for the
-    biggest live tile, 64 on the tl.dot path) and whose shared memory lets PROGRAMS_PER_SM programs
-    share an SM: per warp count the two largest such tiles with the tile loop software-
-    pipelined (NUM_STAGES=3: cp.async prefetch of the next tiles into shared memory, which keeps
-    more bytes in flight per SM than registers allow), plus the largest one without (8 warps, FMA path).
-    The register budget is counted in fp32 values, so a 2-byte x gets the same tiles with half the
-    bytes: NUM_STAGES=6 (2-byte x only) puts as many bytes in flight as 3 stages of fp32 (bf16 O = 1
-    with 3 stages: 70% of its read limit on an H200, fp32 94%)."""
+    """The configs the autotuner times, the heuristic pick first (the only one kept without
+    autotuning and under the interpreter): PACK's where it may run (first, the measured faster,
+    or alone when forced by K.PACK_ONE_OUTPUT), then _unpacked_configs'."""
     bd, bo, dot = kwargs["BLOCK_D"], kwargs["BLOCK_O"], kwargs["USE_DOT"]
-    x_bytes = named_args["x_ptr"].element_size()
     # PACK (see PACK_TILES): bf16 x, one output, whole rows of 16 or more columns, on sm_90 or later
     # (or the interpreter): for sm_80 Triton 3.6 does not pipeline its tile loop (no cp.async in the
     # PTX). PACK_MODE (from K.PACK_ONE_OUTPUT) says which paths the autotuner may pick.
@@ -128,8 +122,23 @@ def _prune_onepass(configs, named_args, **kwargs):
     )
     packed = [c for c in configs if c.kwargs["PACK"]] if can_pack and mode != PACK_OFF else []
     if packed and mode == PACK_ON:
-        return packed[:1] if K.INTERPRET or not K.AUTOTUNE else packed
-    configs = [c for c in configs if not c.kwargs["PACK"]]
+        out = packed
+    else:
+        unpacked = [c for c in configs if not c.kwargs["PACK"]]
+        out = packed + _unpacked_configs(unpacked, named_args["x_ptr"].element_size(), **kwargs)
+    return out[:1] if K.INTERPRET or not K.AUTOTUNE else out
+
+
+def _unpacked_configs(configs, x_bytes, **kwargs):
+    """Keep the tiles whose register footprint fits (about 32 fp32 registers per thread for the
+    biggest live tile, 64 on the tl.dot path) and whose shared memory lets PROGRAMS_PER_SM programs
+    share an SM: per warp count the two largest such tiles with the tile loop software-
+    pipelined (NUM_STAGES=3: cp.async prefetch of the next tiles into shared memory, which keeps
+    more bytes in flight per SM than registers allow), plus the largest one without (8 warps, FMA path).
+    The register budget is counted in fp32 values, so a 2-byte x gets the same tiles with half the
+    bytes: NUM_STAGES=6 (2-byte x only) puts as many bytes in flight as 3 stages of fp32 (bf16 O = 1
+    with 3 stages: 70% of its read limit on an H200, fp32 94%)."""
+    bd, bo, dot = kwargs["BLOCK_D"], kwargs["BLOCK_O"], kwargs["USE_DOT"]
     fits = {}
     for c in configs:
         bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]
@@ -183,12 +192,8 @@ def _prune_onepass(configs, named_args, **kwargs):
         # float16 x on the tl.dot path (two bf16 pieces, twice the dots): ptxas (sm_90a, D = 256,
         # O = 16) fits the 16-row, 4-warp, 3-stage tile in 255 registers without spills; the tiles
         # above spill 8-724 bytes. (The interpreter has no such tile: its one config stays.)
-        fit = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) == (16, 4, 3)]
-        out = fit or out
-    # PACK first where allowed: the pick without autotuning (measured faster: K.PACK_ONE_OUTPUT)
-    out = packed + out
-    if K.INTERPRET or not K.AUTOTUNE:
-        return out[:1]
+        one = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) == (16, 4, 3)]
+        out = one or out
     return out
 
 

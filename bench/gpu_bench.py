@@ -213,7 +213,7 @@ def step_contenders(N, D, O, dtype, backends):
                 out[f"triton:{v}"] = InSetting(functools.partial(_setting, v), fused)
         if be == "triton" and O == 1 and dtype == torch.bfloat16:
             # the two paths the autotuner chooses between (fastlin.triton._common.PACK_ONE_OUTPUT):
-            # one output on the tensor cores, and the FMA path; and PACK with PACK_DEFER (untimed yet)
+            # one output on the tensor cores, and the FMA path; and PACK with PACK_DEFER (not yet measured)
             for v in ("pack", "fma", "packdefer"):
                 out[f"triton:{v}"] = InSetting(functools.partial(_setting, v), fused)
         if be == "triton" and O > 4:

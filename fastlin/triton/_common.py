@@ -86,11 +86,12 @@ MAX_BLOCK_O = 64  # outputs per program on the tl.dot path; more outputs split o
 # FASTLIN_TRITON_PACK_ONE_OUTPUT=1 / 0.
 _pack_env = os.environ.get("FASTLIN_TRITON_PACK_ONE_OUTPUT", "").strip()
 PACK_ONE_OUTPUT: bool | None = None if _pack_env == "" else _pack_env == "1"
-# PACK, an experiment for the next GPU measurement (FASTLIN_TRITON_PACK_DEFER=1; gpu_bench's
-# triton:packdefer): each tile's dW product is subtracted at the next tile's forward dot instead of
-# right after its own dot; bit-identical results. In the sm_90a SASS the subtraction's 32 FADDs then
-# sit in that dot's wait window, not between the dW dot's wait and the next tile's cp.async issues
-# (measured: summing the products outside the tensor core cost PACK ~9%, 0.528 -> 0.616 ms).
+# PACK_DEFER, an experiment for the next GPU measurement (FASTLIN_TRITON_PACK_DEFER=1; gpu_bench's
+# triton:packdefer): PACK subtracts each tile's dW product at the next tile's forward dot instead of
+# right after its own dot; bit-identical results. In the sm_90a SASS (session 11's reading) the
+# subtraction's 32 FADDs then sit in that dot's wait window, not between the dW dot's wait and the
+# next tile's cp.async issues (summing the products outside the tensor core cost PACK ~9% on an
+# H200: 0.528 -> 0.616 ms).
 PACK_DEFER: bool = os.environ.get("FASTLIN_TRITON_PACK_DEFER", "0") == "1"
 INTERPRET_PROGRAMS = 4  # the interpreter runs programs one after the other: few, big ones
 # FASTLIN_TRITON_AUTOTUNE=0: no benchmarking, the first (heuristic) config for each shape. For test

@@ -126,6 +126,8 @@ _AUTO_CUDA_DEFAULT = ("cuda", "triton")
 # once) against CUDA's cuBLAS path (x read twice, three bf16 pieces per operand): train_step
 # 4M x 256 O = 16 1.379 vs 4.955 ms (fourth lease). linear_mse_loss and fit run the same kernels
 # on each backend (Triton's one-pass kernel; CUDA's cuBLAS path past 2^19 elements a batch).
+# float16 with more than 4 outputs keeps the default order (CUDA 9.5 vs Triton 10.6 ms, fifth lease)
+# until Triton's newer path (x as two bf16 pieces on the tensor cores; predicted 1.6-3.5 ms) is timed.
 _AUTO_CUDA_CASES: dict[tuple[str, torch.dtype, bool], tuple[str, ...]] = {
     (op, torch.bfloat16, True): ("triton", "cuda") for op in ("train_step", "linear_mse_loss", "fit")
 }

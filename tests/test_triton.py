@@ -793,6 +793,28 @@ def test_fit(device, case, dtype):
             check_update(t, o, r, dtype, f"{name} change", factor=10.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 257], ids=["one-chunk", "chunked"])
+def test_fit_low_precision_x_on_the_dot_path(device, D, dtype):
+    """fit with a bf16 / fp16 x and float32 parameters at O > 4: the split products on the tl.dot
+    path over shuffled (gathered) batches with sample weights and momentum, held to the float32
+    tolerance against the reference's float32 math on the same x values."""
+    N, O = 37, 17
+    assert OP.plan(N, D, O, dtype, torch.device(device)).SPLIT
+    x, y = rand(N, D, dtype=dtype, device=device), rand(N, O, dtype=dtype, device=device)
+    sw = torch.rand(N, device=device) + 0.5
+    w, b, wm, bm = _params(O, D, f32, device, True, True)
+    w = w / 8  # (residuals of order one)
+    ref = [t.clone() for t in (w, b, wm, bm)]
+    old = [t.clone() for t in (w, b, wm, bm)]
+    args = (2, 10, True, 1234, 0.05, 0.9, 0.0, 0.01, True, False, True)
+    hist = T.fit(x, y, w, b, wm, bm, sw, *args)
+    href = R.fit(x, y, *ref, sw, *args)
+    check(hist, href.to(f64), f32, "history")
+    for name, t, r, o in zip(("weight", "bias", "weight_momentum"), (w, b, wm), ref, old):
+        check_update(t, o, r, f32, f"{name} change", factor=10.0)
+
+
 @pytest.mark.parametrize("lr", [5.0, 1e30], ids=["diverges", "inf-at-once"])
 def test_fit_stops_at_first_nonfinite_step(device, lr):
     """The step whose loss or update is non-finite is not applied and ends the loop: parameters keep

@@ -18,7 +18,7 @@ Two code paths by O:
     fastlin.triton settings ("ieee" by default). A bfloat16 x (SPLIT) stays bfloat16: each float32
     operand it meets (W, the residuals) goes in as three bf16 pieces that sum to it exactly, so every
     product is exact and the sums are float32, on the bf16 tensor cores whatever the precision setting.
-    A float16 x takes the same path at "ieee" precision (X_LO), as two bf16 pieces that sum to it
+    A float16 x takes the same path at "ieee" precision, as two bf16 pieces that sum to it
     exactly, at twice the dots (on the FMA-lowered "ieee" dot it ran at 5% of its read limit on an
     H200); "tf32" / "tf32x3" keep their float32 dots. Each tile's dW product starts from zero and is
     added to a float32 sum outside the tensor core, whose accumulation rounds toward zero (chained
@@ -125,11 +125,12 @@ def _prune_onepass(configs, named_args, **kwargs):
         out = packed
     else:
         unpacked = [c for c in configs if not c.kwargs["PACK"]]
-        out = packed + _unpacked_configs(unpacked, named_args["x_ptr"].element_size(), **kwargs)
+        x = named_args["x_ptr"]
+        out = packed + _unpacked_configs(unpacked, x.element_size(), x.dtype == torch.float16, **kwargs)
     return out[:1] if K.INTERPRET or not K.AUTOTUNE else out
 
 
-def _unpacked_configs(configs, x_bytes, **kwargs):
+def _unpacked_configs(configs, x_bytes, x_fp16, **kwargs):
     """Keep the tiles whose register footprint fits (about 32 fp32 registers per thread for the
     biggest live tile, 64 on the tl.dot path) and whose shared memory lets PROGRAMS_PER_SM programs
     share an SM: per warp count the two largest such tiles with the tile loop software-
@@ -188,7 +189,7 @@ def _unpacked_configs(configs, x_bytes, **kwargs):
             if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["NUM_STAGES"]) in ((16, 4, 3), (16, 4, 1))
             and c not in out
         ]
-    if kwargs["X_LO"]:
+    if kwargs["SPLIT"] and x_fp16:
         # float16 x on the tl.dot path (two bf16 pieces, twice the dots): ptxas (sm_90a, D = 256,
         # O = 16) fits the 16-row, 4-warp, 3-stage tile in 255 registers without spills; the tiles
         # above spill 8-724 bytes. (The interpreter has no such tile: its one config stays.)
@@ -306,35 +307,28 @@ def _dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _dot_split_b(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b for a bfloat16 and b float32 (b in three bf16 pieces, smallest first)."""
+    """acc + a @ b for a bfloat16 or float16 and b float32 (b in three bf16 pieces, smallest first).
+    A float16 a goes in as its two bf16 pieces; the second (at most 2^-9 of a) meets only b's two
+    larger pieces: the third (at most 2^-18 of b) would add below 2^-27 of the product a b, under
+    float32's own rounding of it."""
     b1, b2, b3 = _bf16_pieces(b)
+    if a.dtype == tl.float16:
+        a, a_lo = _fp16_as_bf16_pieces(a)
+        acc = _dot_bf16(a_lo, b2, acc, INTERPRET)
+        acc = _dot_bf16(a_lo, b1, acc, INTERPRET)
     acc = _dot_bf16(a, b3, acc, INTERPRET)
     acc = _dot_bf16(a, b2, acc, INTERPRET)
     return _dot_bf16(a, b1, acc, INTERPRET)
 
 
 @triton.jit
-def _dot_split_b2(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b for a float16 x's second piece a (at most 2^-9 of x) and a float32 b in its two
-    larger pieces: the third (at most 2^-18 of b) would add below 2^-27 of the product x b, under
-    float32's own rounding of it."""
-    b1, b2, b3 = _bf16_pieces(b)
-    acc = _dot_bf16(a, b2, acc, INTERPRET)
-    return _dot_bf16(a, b1, acc, INTERPRET)
-
-
-@triton.jit
-def _dot_split_a2(a, b, acc, INTERPRET: tl.constexpr):
-    """_dot_split_b2 with the roles swapped: a float32 (in its two larger pieces), b the 3-bit piece."""
-    a1, a2, a3 = _bf16_pieces(a)
-    acc = _dot_bf16(a2, b, acc, INTERPRET)
-    return _dot_bf16(a1, b, acc, INTERPRET)
-
-
-@triton.jit
 def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b for a float32 and b bfloat16 (a in three bf16 pieces, smallest first)."""
+    """acc + a @ b for a float32 and b bfloat16 or float16 (_dot_split_b with the roles swapped)."""
     a1, a2, a3 = _bf16_pieces(a)
+    if b.dtype == tl.float16:
+        b, b_lo = _fp16_as_bf16_pieces(b)
+        acc = _dot_bf16(a2, b_lo, acc, INTERPRET)
+        acc = _dot_bf16(a1, b_lo, acc, INTERPRET)
     acc = _dot_bf16(a3, b, acc, INTERPRET)
     acc = _dot_bf16(a2, b, acc, INTERPRET)
     return _dot_bf16(a1, b, acc, INTERPRET)
@@ -349,7 +343,6 @@ def _dot_split_a(a, b, acc, INTERPRET: tl.constexpr):
         "BLOCK_O",
         "USE_DOT",
         "SPLIT",
-        "X_LO",
         "ONE_CHUNK",
         "GATHER",
         "GIVEN_G",
@@ -408,7 +401,6 @@ def _onepass_kernel(
     NEED_GT: tl.constexpr,
     USE_DOT: tl.constexpr,
     SPLIT: tl.constexpr,
-    X_LO: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
     IDX64: tl.constexpr,
     ACC: tl.constexpr,
@@ -614,16 +606,11 @@ def _onepass_kernel(
                     )
                     if not SPLIT:
                         x = x.to(ACC)
-                    elif X_LO:  # a float16 x as two bf16 pieces (x the first, x_lo the rest)
-                        x, x_lo = _fp16_as_bf16_pieces(x)
                 if GIVEN_G:
                     g = v
                 else:
                     if SPLIT:  # (W's pieces are loop-invariant: the compiler hoists them)
-                        pred = tl.zeros((BLOCK_N, BLOCK_O), ACC)
-                        if X_LO:
-                            pred = _dot_split_b2(x_lo, tl.trans(w), pred, INTERPRET)
-                        pred = _dot_split_b(x, tl.trans(w), pred, INTERPRET)
+                        pred = _dot_split_b(x, tl.trans(w), tl.zeros((BLOCK_N, BLOCK_O), ACC), INTERPRET)
                     elif USE_DOT:
                         pred = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
                     else:
@@ -656,11 +643,7 @@ def _onepass_kernel(
                         )
                 if NEED_GW:
                     if SPLIT:  # the tile's product from zero, joined to acc_w in float32 (as PACK's)
-                        ngt = tl.trans(-g)
-                        c = tl.zeros((BLOCK_O, BLOCK_D), ACC)
-                        if X_LO:
-                            c = _dot_split_a2(ngt, x_lo, c, INTERPRET)
-                        acc_w -= _dot_split_a(ngt, x, c, INTERPRET)
+                        acc_w -= _dot_split_a(tl.trans(-g), x, tl.zeros((BLOCK_O, BLOCK_D), ACC), INTERPRET)
                     elif USE_DOT:
                         acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                     else:
@@ -711,16 +694,12 @@ def _onepass_kernel(
                         )
                         if not SPLIT:
                             x = x.to(ACC)
-                        elif X_LO:
-                            x, x_lo = _fp16_as_bf16_pieces(x)
                         w = tl.load(
                             w_ptr + offs_o[:, None] * s_wo + dd[None, :] * s_wd,
                             mask=mask_o[:, None] & mask_d[None, :],
                             other=0,
                         ).to(ACC)
                         if SPLIT:
-                            if X_LO:
-                                pred = _dot_split_b2(x_lo, tl.trans(w), pred, INTERPRET)
                             pred = _dot_split_b(x, tl.trans(w), pred, INTERPRET)
                         elif USE_DOT:
                             pred += tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
@@ -758,13 +737,8 @@ def _onepass_kernel(
                             )
                             if not SPLIT:
                                 x = x.to(ACC)
-                            elif X_LO:
-                                x, x_lo = _fp16_as_bf16_pieces(x)
                             if SPLIT:
-                                c = tl.zeros((BLOCK_O, BLOCK_D), ACC)
-                                if X_LO:
-                                    c = _dot_split_a2(tl.trans(g), x_lo, c, INTERPRET)
-                                c = _dot_split_a(tl.trans(g), x, c, INTERPRET)
+                                c = _dot_split_a(tl.trans(g), x, tl.zeros((BLOCK_O, BLOCK_D), ACC), INTERPRET)
                             elif USE_DOT:
                                 c = tl.dot(tl.trans(g), x, input_precision=PRECISION, out_dtype=ACC)
                             else:
@@ -1205,7 +1179,6 @@ def run_onepass(
         NEED_GT=gt is not None,
         USE_DOT=pl.USE_DOT,
         SPLIT=pl.SPLIT,
-        X_LO=pl.SPLIT and x.dtype == torch.float16,
         ONE_CHUNK=pl.ONE_CHUNK,
         IDX64=_needs_int64(x, y, idx, sw, gx, gt),
         ACC=K.tl_acc(pl.acc),
